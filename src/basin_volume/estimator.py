@@ -1,0 +1,335 @@
+r"""The estimator: log-volume or log-probability of a star-shaped basin around a centre.
+
+For a centre :math:`\theta_0 \in \mathbb{R}^D`, an objective :math:`f` and a cutoff
+:math:`\varepsilon`, the basin is :math:`\{\theta: f(\theta) - f(\theta_0) \le \varepsilon\}`,
+taken to be star-shaped around :math:`\theta_0` with radius :math:`r(\omega)` along each unit
+direction. In polar coordinates its measure is
+
+.. math::
+
+    \mu = A_D\, \mathbb{E}_{\omega \sim \mathrm{Unif}(S^{D-1})}[I(\omega)],\qquad
+    I(\omega) = \int_0^{r(\omega)} \rho(\theta_0 + t\omega)\, t^{D-1}\, dt,
+
+with :math:`A_D` the area of the unit sphere. Under the Gaussian prior
+:math:`N(0, \sigma^2 I)` (``measure="gaussian"``, :math:`\mu` is the probability that a random
+initialisation lands in the basin)
+
+.. math::
+
+    I(\omega) = (2\pi)^{-D/2}\, e^{-\lVert\theta_0\rVert^2 / 2\sigma^2}\,
+        K\!\left(r/\sigma;\ D-1,\ -\omega\cdot\theta_0/\sigma\right),\qquad
+    K(\rho; n, \beta) = \int_0^\rho \tau^n e^{-\tau^2/2 + \beta\tau}\, d\tau,
+
+and under the uniform measure (``measure="uniform"``, the Lebesgue volume)
+:math:`I(\omega) = r(\omega)^D / D`. Directions are drawn from the proposal of
+:mod:`basin_volume.directions` and reweighted by :math:`\lVert Pu\rVert^{-D}`, giving per
+direction
+
+.. math:: \ell_k = \log A_D + \log I(\omega_k) - D \log \lVert P u_k\rVert,
+
+whose log-mean-exp is the estimate of :math:`\log\mu`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .directions import sample_direction
+from .integrals import log_radial_integral, log_sphere_area
+from .preconditioners import Preconditioner, as_preconditioner
+from .radius import RayStatus, find_radius
+from .result import VolumeResult
+
+__all__ = ["Measure", "RadiusSearchWarning", "estimate"]
+
+
+class Measure(str, enum.Enum):
+    """The measure of parameter space whose basin mass is estimated."""
+
+    GAUSSIAN = "gaussian"
+    """Probability under the prior N(0, sigma^2 I): where a random initialisation lands."""
+    UNIFORM = "uniform"
+    """Lebesgue volume of the basin."""
+
+
+class RadiusSearchWarning(RuntimeWarning):
+    """Some directions' radius searches did not converge; see ``VolumeResult.status``."""
+
+
+def _scalar(value, what: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"fn must return a scalar (a 0-d tensor or a float), but {what} returned a "
+                f"tensor of shape {tuple(value.shape)}; reduce it, e.g. with .mean()"
+            )
+        return float(value.detach().reshape(()).to("cpu", torch.float64))
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"fn must return a scalar tensor or float, but {what} returned {type(value)}")
+
+
+def _check_center(center) -> torch.Tensor:
+    if not isinstance(center, torch.Tensor):
+        raise TypeError(f"center must be a 1-D torch.Tensor of parameters, got {type(center)}")
+    if center.ndim != 1:
+        raise ValueError(
+            f"center must be 1-D (flatten it, e.g. with "
+            f"torch.nn.utils.parameters_to_vector); got shape {tuple(center.shape)}"
+        )
+    if not center.is_floating_point():
+        raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
+    if center.numel() < 2:
+        raise ValueError(f"center must have at least 2 parameters, got {center.numel()}")
+    finite = torch.isfinite(center)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise ValueError(
+            f"center has a non-finite entry ({center[bad].item()}) at index {bad}; the basin "
+            "of a network with NaN/inf parameters is undefined"
+        )
+    return center.detach()
+
+
+def _check_positive(name: str, value, *, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _resolve_sigma(sigma, center: torch.Tensor, measure: Measure) -> float:
+    if measure is Measure.UNIFORM:
+        return math.nan
+    if sigma is None:
+        rms = float(torch.linalg.vector_norm(center.double()) / math.sqrt(center.numel()))
+        if rms == 0:
+            raise ValueError(
+                "sigma is missing and cannot be derived: the centre is all zeros, so its RMS "
+                "(the default prior scale) is 0; pass sigma=<the initialisation scale>"
+            )
+        return rms
+    _check_positive("sigma", sigma)
+    return float(sigma)
+
+
+def estimate(
+    fn: Callable[[torch.Tensor], torch.Tensor | float],
+    center: torch.Tensor,
+    *,
+    n_samples: int = 100,
+    cutoff: float = 1e-2,
+    measure: Measure | str = Measure.GAUSSIAN,
+    sigma: float | None = None,
+    preconditioner: torch.Tensor | Preconditioner | None = None,
+    rtol: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+    max_evals: int = 40,
+    max_radius: float | None = None,
+) -> VolumeResult:
+    r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(theta) -> scalar``, with ``theta`` a 1-D tensor like ``center``. The basin is
+        :math:`\{\theta : fn(\theta) - fn(center) \le cutoff\}`. Called without gradients.
+    center : torch.Tensor
+        The trained parameters :math:`\theta_0`, 1-D, finite, on any device.
+    n_samples : int
+        Number of random directions.
+    cutoff : float
+        :math:`\varepsilon > 0`, in the units of ``fn`` (nats for a KL basin).
+    measure : {"gaussian", "uniform"}
+        ``"gaussian"``: log probability under :math:`N(0, \sigma^2 I)`. ``"uniform"``: log
+        Lebesgue volume.
+    sigma : float, optional
+        Prior scale. Default: the RMS of ``center``, :math:`\lVert\theta_0\rVert/\sqrt D`.
+    preconditioner : tensor or Preconditioner, optional
+        Positive per-parameter scales :math:`p` (any overall scale; normalised to
+        :math:`\sum\log p_i = 0`) or a :class:`~basin_volume.preconditioners.Preconditioner`.
+        Directions are drawn as :math:`Pu/\lVert Pu\rVert` and importance-reweighted.
+    rtol : float
+        Each radius satisfies :math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\cdot
+        \varepsilon`.
+    seed : int
+        Direction ``k`` depends only on ``(seed, k)``.
+    progress : bool
+        Show a progress bar.
+    max_evals : int
+        Evaluation budget per direction.
+    max_radius : float, optional
+        Largest radius tried. A ray still inside there is recorded as unbounded (radius
+        ``inf``). Default: :math:`\lVert\theta_0\rVert + \sigma(\sqrt D + 50)` for the Gaussian
+        measure (the prior mass beyond is negligible, so the full ray integral is exact), and
+        :math:`10^6 \max(\lVert\theta_0\rVert, 1)` for the uniform measure.
+
+    Returns
+    -------
+    VolumeResult
+
+    Warns
+    -----
+    LowESSWarning
+        When a few directions carry almost all of the importance weight.
+    RadiusSearchWarning
+        When some directions' radius searches did not converge.
+
+    Examples
+    --------
+    A quadratic basin :math:`\tfrac12\lVert\theta-\theta_0\rVert^2 \le \varepsilon` is a ball of
+    radius :math:`\sqrt{2\varepsilon}`:
+
+    >>> import math, torch, basin_volume as bv
+    >>> c = torch.zeros(3, dtype=torch.float64)
+    >>> res = bv.estimate(lambda th: 0.5 * th.square().sum(), c, n_samples=4, cutoff=0.5,
+    ...                   measure="uniform", rtol=1e-12, progress=False)
+    >>> round(res.log_volume, 10) == round(math.log(4 / 3 * math.pi), 10)
+    True
+    """
+    center = _check_center(center)
+    try:
+        measure = Measure(measure)
+    except ValueError:
+        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
+    _check_positive("n_samples", n_samples, integer=True)
+    _check_positive("cutoff", cutoff)
+    _check_positive("rtol", rtol)
+    _check_positive("max_evals", max_evals, integer=True)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    dim = center.numel()
+    sigma = _resolve_sigma(sigma, center, measure)
+    pre = as_preconditioner(preconditioner, dim)
+    center64 = center.to("cpu", torch.float64)
+    norm_c = float(torch.linalg.vector_norm(center64))
+    if max_radius is None:
+        if measure is Measure.GAUSSIAN:
+            max_radius = norm_c + sigma * (math.sqrt(dim) + 50.0)
+        else:
+            max_radius = 1e6 * max(norm_c, 1.0)
+    _check_positive("max_radius", max_radius)
+
+    with torch.no_grad():
+        f0 = _scalar(fn(center), "fn(center)")
+    if not math.isfinite(f0):
+        raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
+
+    log_area = log_sphere_area(dim)
+    gauss_const = -0.5 * dim * math.log(2 * math.pi) - 0.5 * (norm_c / sigma) ** 2
+    records: dict[str, list] = {k: [] for k in ("est", "delta", "prop", "mult", "lai", "evals")}
+    status: list[str] = []
+    log_radii: list[float] = []
+    slopes: list[float] = []
+    guess = 1e-2 * (sigma * math.sqrt(dim) if measure is Measure.GAUSSIAN else max(norm_c, 1.0))
+    started = time.perf_counter()
+
+    bar = tqdm(total=n_samples, disable=not progress, desc="directions", unit="dir")
+    try:
+        for k in range(n_samples):
+            direction = sample_direction(k, dim, seed=seed, preconditioner=pre, device=center.device)
+            omega = direction.omega
+
+            def delta_at(t: float, omega=omega, k=k) -> float:
+                with torch.no_grad():
+                    theta = center + (t * omega).to(center.dtype)
+                    return _scalar(fn(theta), f"fn at direction {k}") - f0
+
+            if log_radii:
+                guess = math.exp(statistics.median(log_radii))
+            ray = find_radius(
+                delta_at,
+                cutoff,
+                guess=guess,
+                rtol=rtol,
+                slope=statistics.median(slopes) if slopes else 2.0,
+                max_radius=max_radius,
+                max_evals=max_evals,
+            )
+            r = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
+            if ray.status is RayStatus.CONVERGED:
+                log_radii.append(math.log(r))
+            if math.isfinite(ray.slope):
+                slopes.append(ray.slope)
+            if measure is Measure.GAUSSIAN:
+                beta = -float(omega.to("cpu", torch.float64) @ center64) / sigma
+                lai = gauss_const + log_radial_integral(r / sigma, dim - 1.0, 1.0, beta)
+            else:
+                lai = dim * math.log(r) - math.log(dim) if r > 0 else -math.inf
+            est = log_area + lai - dim * math.log(direction.prop)
+            for key, value in zip(
+                records,
+                (est, ray.delta, direction.prop, r / direction.prop, lai, ray.n_evals),
+                strict=True,
+            ):
+                records[key].append(value)
+            status.append(ray.status.value)
+            bar.update(1)
+            if progress:
+                ests = torch.tensor(records["est"], dtype=torch.float64)
+                bar.set_postfix(
+                    log_vol=f"{float(torch.logsumexp(ests, 0)) - math.log(len(ests)):.5g}",
+                    evals=f"{sum(records['evals']) / len(records['evals']):.2f}",
+                )
+    finally:
+        bar.close()
+
+    result = VolumeResult(
+        estimates=torch.tensor(records["est"], dtype=torch.float64),
+        deltas=torch.tensor(records["delta"], dtype=torch.float64),
+        props=torch.tensor(records["prop"], dtype=torch.float64),
+        mults=torch.tensor(records["mult"], dtype=torch.float64),
+        logabsint=torch.tensor(records["lai"], dtype=torch.float64),
+        n_evals=torch.tensor(records["evals"], dtype=torch.int64),
+        status=tuple(status),
+        dim=dim,
+        measure=measure.value,
+        cutoff=float(cutoff),
+        sigma=sigma,
+        rtol=float(rtol),
+        seed=seed,
+        meta={
+            "f0": f0,
+            "device": str(center.device),
+            "dtype": str(center.dtype).removeprefix("torch."),
+            "preconditioner": None if pre is None else type(pre).__name__,
+            "max_radius": max_radius,
+            "seconds": time.perf_counter() - started,
+            "torch_version": torch.__version__,
+            "basin_volume_version": _version(),
+        },
+    )
+    _warn_about(result)
+    return result
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _warn_about(result: VolumeResult) -> None:
+    if result.n_failed:
+        counts = {s: result.status.count(s) for s in set(result.status) if s != "converged"}
+        hint = (
+            "; unbounded rays make the uniform volume infinite"
+            if result.measure == "uniform" and "unbounded" in counts
+            else ""
+        )
+        warnings.warn(
+            f"{result.n_failed} of {result.n_samples} directions did not converge {counts}; "
+            f"they are included with the radius found (see result.status){hint}",
+            RadiusSearchWarning,
+            stacklevel=3,
+        )
+    result.warn_if_unreliable(stacklevel=3)

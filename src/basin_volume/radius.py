@@ -1,0 +1,175 @@
+r"""Finding where a ray leaves the basin.
+
+Along a unit direction :math:`\omega` the excess :math:`\delta(t) = f(\theta_0 + t\omega) -
+f(\theta_0)` is close to quadratic near the centre, so :math:`\log\delta` is nearly linear in
+:math:`\log t` with slope 2. :func:`find_radius` solves :math:`\delta(r) = \varepsilon` by
+secant steps in log-log space (the slope re-estimated from the last two evaluations), kept
+inside a bracket ``inside < r < outside``, and stops at the first evaluated radius with
+:math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\cdot\varepsilon`. The radius it returns is
+always one whose :math:`\delta` was evaluated, and that :math:`\delta` is returned with it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["RayResult", "RayStatus", "find_radius"]
+
+_MIN_SLOPE, _MAX_SLOPE = 0.1, 20.0
+_MAX_STEP = 1e3  # largest factor by which one step may grow or shrink the radius
+_GROW_BLIND = 10.0  # growth factor when delta carries no scale information (delta <= 0)
+
+
+class RayStatus(str, enum.Enum):
+    """How the search along one direction ended."""
+
+    CONVERGED = "converged"
+    """|delta(r) - cutoff| <= rtol * cutoff at the returned radius."""
+    UNBOUNDED = "unbounded"
+    """delta stayed below the cutoff up to ``max_radius``: the returned radius is ``inf``
+    (finite mass under the Gaussian measure; infinite volume under the uniform one)."""
+    MAX_EVALS = "max_evals"
+    """The evaluation budget ran out; the returned radius is the best bracket end."""
+    DISCONTINUOUS = "discontinuous"
+    """delta jumps across the cutoff between two radii equal to float precision; the inner
+    one is returned."""
+    NONFINITE = "nonfinite"
+    """delta was never finite and below the cutoff at any radius tried."""
+
+
+@dataclass(frozen=True)
+class RayResult:
+    """Outcome of :func:`find_radius` for one direction.
+
+    Attributes
+    ----------
+    radius : float
+        The radius returned (``inf`` when unbounded).
+    delta : float
+        delta evaluated at ``radius`` (the largest value seen below the cutoff when unbounded).
+    n_evals : int
+        Evaluations of delta spent on this direction.
+    status : RayStatus
+        How the search ended.
+    slope : float
+        Log-log slope d log delta / d log t measured near the end (``nan`` if unknown); a good
+        starting slope for the next direction.
+    """
+
+    radius: float
+    delta: float
+    n_evals: int
+    status: RayStatus
+    slope: float
+
+
+def _finite_positive(d: float) -> bool:
+    return math.isfinite(d) and d > 0
+
+
+def _linear_quadratic_root(p1, p2, cutoff: float) -> float:
+    """Root of a t + b t^2 = cutoff for the model through (0, 0), p1 and p2; nan if none."""
+    (t1, d1), (t2, d2) = p1, p2
+    if t1 == t2:
+        return math.nan
+    b = (d2 / t2 - d1 / t1) / (t2 - t1)
+    a = d1 / t1 - b * t1
+    disc = a * a + 4.0 * b * cutoff
+    if not (math.isfinite(disc) and disc >= 0):
+        return math.nan
+    if a > 0:
+        return 2.0 * cutoff / (a + math.sqrt(disc))
+    return (math.sqrt(disc) - a) / (2.0 * b) if b > 0 else math.nan
+
+
+def find_radius(
+    delta_at: Callable[[float], float],
+    cutoff: float,
+    *,
+    guess: float,
+    rtol: float = 1e-2,
+    slope: float = 2.0,
+    max_radius: float = math.inf,
+    max_evals: int = 40,
+) -> RayResult:
+    r"""Find :math:`r > 0` with :math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\,\varepsilon`.
+
+    Parameters
+    ----------
+    delta_at : callable
+        ``delta_at(t) -> float``, the excess of the objective at distance ``t`` along the ray.
+        Non-finite values are treated as outside the basin.
+    cutoff : float
+        :math:`\varepsilon > 0`.
+    guess : float
+        First radius to evaluate (from earlier directions or from curvature).
+    rtol : float
+        Relative tolerance on delta at the returned radius.
+    slope : float
+        Assumed log-log slope until two evaluations measure it (2 for a quadratic basin).
+    max_radius : float
+        Radii beyond this are not tried; a ray still inside at ``max_radius`` is
+        :attr:`RayStatus.UNBOUNDED`.
+    max_evals : int
+        Evaluation budget for this direction.
+
+    Returns
+    -------
+    RayResult
+    """
+    lo_t, lo_d = 0.0, math.nan  # largest radius known inside (delta < cutoff)
+    hi_t, hi_d = math.inf, math.nan  # smallest radius known outside (delta > cutoff or nan)
+    last: tuple[float, float] | None = None  # previous evaluation with finite delta
+    measured_slope = math.nan
+    same_side = 0  # consecutive evaluations landing on the same side of the root
+    t = min(max(guess, math.ulp(0.0)), max_radius)
+    for n in range(1, max_evals + 1):
+        d = float(delta_at(t))
+        if math.isfinite(d) and abs(d - cutoff) <= rtol * cutoff:
+            return RayResult(t, d, n, RayStatus.CONVERGED, measured_slope)
+        inside = math.isfinite(d) and d < cutoff
+        if inside and t >= max_radius:
+            return RayResult(math.inf, d, n, RayStatus.UNBOUNDED, measured_slope)
+        same_side = same_side + 1 if n > 1 and inside == was_inside else 0
+        was_inside = inside
+        if inside:
+            lo_t, lo_d = t, d
+        else:
+            hi_t, hi_d = t, d
+        if hi_t <= lo_t * (1.0 + 4.0 * math.ulp(1.0)):
+            return RayResult(lo_t, lo_d, n, RayStatus.DISCONTINUOUS, measured_slope)
+
+        if not math.isfinite(d):  # certainly outside, and no scale information: shrink
+            factor = 1.0 / _GROW_BLIND
+        elif last is not None and _finite_positive(d) and _finite_positive(last[1]):
+            k = math.log(d / last[1]) / math.log(t / last[0])
+            if math.isfinite(k) and k > 0:
+                measured_slope = slope = k
+            factor = (cutoff / d) ** (1.0 / min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
+        elif last is not None:  # some delta <= 0: model delta = a t + b t^2 instead
+            factor = _linear_quadratic_root(last, (t, d), cutoff) / t
+        elif d > 0:
+            factor = (cutoff / d) ** (1.0 / min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
+        else:
+            factor = math.nan
+        if not factor > 0:  # no usable model (delta <= 0 so far): grow
+            factor = _GROW_BLIND
+        last = (t, d) if math.isfinite(d) else last
+        t_new = t * min(max(factor, 1.0 / _MAX_STEP), _MAX_STEP)
+        if math.isfinite(hi_t) and lo_t > 0:
+            # Stay strictly inside the bracket; bisect (in log space) when the model steps
+            # out of it or keeps landing on one side (regula falsi stagnation).
+            if not lo_t < t_new < hi_t or same_side >= 2:
+                t_new = math.sqrt(lo_t) * math.sqrt(hi_t)
+                same_side = 0
+        t = min(t_new, max_radius)
+    if lo_t > 0 and math.isfinite(lo_d):
+        best_t, best_d = lo_t, lo_d
+        if math.isfinite(hi_d) and math.isfinite(hi_t) and abs(hi_d - cutoff) < abs(lo_d - cutoff):
+            best_t, best_d = hi_t, hi_d
+        return RayResult(best_t, best_d, max_evals, RayStatus.MAX_EVALS, measured_slope)
+    status = RayStatus.MAX_EVALS if math.isfinite(hi_d) else RayStatus.NONFINITE
+    return RayResult(hi_t, hi_d, max_evals, status, measured_slope)

@@ -1,0 +1,307 @@
+r"""The result of an estimate: per-direction records, the aggregate and its diagnostics.
+
+Each direction :math:`k` contributes a log estimate :math:`\ell_k` whose exponential is an
+unbiased estimate of the basin's measure :math:`\mu`. The aggregate is
+
+.. math:: \log\hat\mu = \log \frac1n \sum_k e^{\ell_k},
+
+consistent but biased low for few directions: the weights are heavy-tailed, so the
+effective sample size :math:`(\sum w)^2/\sum w^2` of :math:`w_k = e^{\ell_k - \max\ell}` and the
+share of the largest weight are reported with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+__all__ = ["LowESSWarning", "ResultFileError", "VolumeResult"]
+
+FORMAT = "basin_volume.VolumeResult"
+FORMAT_VERSION = 1
+_TENSOR_FIELDS = ("estimates", "deltas", "props", "mults", "logabsint", "n_evals")
+LOW_ESS = 5.0
+
+
+class LowESSWarning(RuntimeWarning):
+    """The importance weights are dominated by very few directions: the estimate is likely a
+    lower bound and its interval too narrow."""
+
+
+class ResultFileError(ValueError):
+    """A results file is not a valid saved :class:`VolumeResult`."""
+
+
+def _logmeanexp(x: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return math.nan
+    return float(torch.logsumexp(x, 0) - math.log(x.numel()))
+
+
+def _encode(x: float | int) -> float | int | str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _decode(x: Any) -> float:
+    if isinstance(x, str):
+        if x in ("nan", "inf", "-inf"):
+            return float(x)
+        raise ResultFileError(f"expected a number or 'nan'/'inf'/'-inf', found {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise ResultFileError(f"expected a number, found {x!r}")
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeResult:
+    r"""Per-direction records and the aggregate estimate of a basin's size.
+
+    Attributes
+    ----------
+    estimates : torch.Tensor
+        float64 ``[n]``, per-direction log estimates :math:`\ell_k` (natural log).
+    deltas : torch.Tensor
+        float64 ``[n]``, :math:`f(\theta_0 + r_k\omega_k) - f(\theta_0)` at the returned radius.
+    props : torch.Tensor
+        float64 ``[n]``, :math:`\lVert Pu_k\rVert` (1 without a preconditioner).
+    mults : torch.Tensor
+        float64 ``[n]``, radius in units of ``props``: :math:`r_k = \mathrm{mults}_k\cdot
+        \mathrm{props}_k`.
+    logabsint : torch.Tensor
+        float64 ``[n]``, log of the radial integral :math:`I(\omega_k) = \int_0^{r_k}
+        \rho(\theta_0 + t\omega_k)\,t^{D-1}dt` (with :math:`\rho` the prior density, or 1 for
+        the uniform measure), so that ``estimates = log A_D + logabsint - D log props``.
+    n_evals : torch.Tensor
+        int64 ``[n]``, evaluations of the objective spent on each direction.
+    status : tuple of str
+        How each direction's radius search ended (see :class:`basin_volume.radius.RayStatus`).
+    dim : int
+        Number of parameters :math:`D`.
+    measure : str
+        ``"gaussian"`` (``log_volume`` is a log probability) or ``"uniform"`` (log volume).
+    cutoff, sigma, rtol : float
+        The settings of the run (``sigma`` is ``nan`` for the uniform measure).
+    seed : int
+        Seed of the run; direction ``k`` depends only on ``seed`` and ``k``.
+    meta : dict
+        Anything else worth keeping (configuration, versions, device, timings).
+    """
+
+    estimates: torch.Tensor
+    deltas: torch.Tensor
+    props: torch.Tensor
+    mults: torch.Tensor
+    logabsint: torch.Tensor
+    n_evals: torch.Tensor
+    status: tuple[str, ...]
+    dim: int
+    measure: str
+    cutoff: float
+    sigma: float
+    rtol: float
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.status)
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.shape != (n,):
+                raise ValueError(f"VolumeResult.{name} must be a tensor of shape ({n},)")
+
+    # ------------------------------------------------------------------ aggregate
+    @property
+    def n_samples(self) -> int:
+        """Number of directions."""
+        return len(self.status)
+
+    @property
+    def radii(self) -> torch.Tensor:
+        """Radius of each direction, ``mults * props``."""
+        return self.mults * self.props
+
+    @property
+    def log_volume(self) -> float:
+        """Log-mean-exp of ``estimates``: log probability (Gaussian) or log volume (uniform)."""
+        return _logmeanexp(self.estimates)
+
+    @property
+    def log10_volume(self) -> float:
+        """``log_volume`` in base 10."""
+        return self.log_volume / math.log(10.0)
+
+    @property
+    def information(self) -> float:
+        """:math:`-\\log P` in nats: the information content (Gaussian measure only)."""
+        return -self.log_volume
+
+    def _weights(self) -> torch.Tensor:
+        finite = self.estimates[torch.isfinite(self.estimates)]
+        if finite.numel() != self.estimates.numel() or finite.numel() == 0:
+            return torch.full_like(self.estimates, math.nan)
+        return torch.exp(self.estimates - self.estimates.max())
+
+    @property
+    def ess(self) -> float:
+        r"""Effective sample size :math:`(\sum w)^2/\sum w^2` of the importance weights."""
+        w = self._weights()
+        return float(w.sum() ** 2 / (w * w).sum())
+
+    @property
+    def top_weight_share(self) -> float:
+        """Fraction of the total weight carried by the heaviest direction."""
+        w = self._weights()
+        return float(w.max() / w.sum())
+
+    @property
+    def n_failed(self) -> int:
+        """Directions whose radius search did not converge."""
+        return sum(s != "converged" for s in self.status)
+
+    def interval(self, level: float = 0.95, *, n_boot: int = 2000, seed: int = 0):
+        """Percentile bootstrap interval for ``log_volume``, resampling directions.
+
+        Parameters
+        ----------
+        level : float
+            Coverage, in (0, 1).
+        n_boot : int
+            Bootstrap resamples.
+        seed : int
+            Seed of the resampling.
+
+        Returns
+        -------
+        (float, float)
+            ``(low, high)``. With fewer than two directions, ``(-inf, inf)``.
+
+        Notes
+        -----
+        When one or two directions carry almost all the weight (``ess`` below about 5) no
+        resampling of the observed directions can reach above the point estimate: the true
+        value is then likely higher than the whole interval. A :class:`LowESSWarning` says so.
+        """
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        n = self.n_samples
+        if n < 2 or not bool(torch.isfinite(self.estimates).all()):
+            return (-math.inf, math.inf) if n < 2 else (self.log_volume, self.log_volume)
+        self.warn_if_unreliable(stacklevel=3)
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (n_boot, n), generator=gen)
+        boots = torch.logsumexp(self.estimates[idx], dim=1) - math.log(n)
+        q = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boots.dtype))
+        return float(q[0]), float(q[1])
+
+    def warn_if_unreliable(self, *, stacklevel: int = 2) -> None:
+        """Warn when the ESS is low (the estimate is then likely a lower bound)."""
+        ess = self.ess
+        if self.n_samples >= 2 and ess < min(LOW_ESS, 0.5 * self.n_samples):
+            warnings.warn(
+                f"effective sample size {ess:.2f} of {self.n_samples} directions (the top "
+                f"direction carries {100 * self.top_weight_share:.0f}% of the weight): "
+                "log_volume is likely a lower bound and its interval too narrow; use more "
+                "directions or a better preconditioner",
+                LowESSWarning,
+                stacklevel=stacklevel,
+            )
+
+    def summary(self) -> str:
+        """A few lines for people: the estimate, its interval and how far to trust it."""
+        what = "log probability" if self.measure == "gaussian" else "log volume"
+        lines = [f"{what}: {self.log_volume:.6g} nats ({self.log10_volume:.6g} in log10)"]
+        if self.n_samples >= 2 and math.isfinite(self.log_volume):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LowESSWarning)
+                lo, hi = self.interval(0.95)
+            lines.append(f"95% bootstrap interval: [{lo:.6g}, {hi:.6g}]")
+        lines.append(
+            f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
+            f"{self.top_weight_share:.2f}, mean evaluations per direction "
+            f"{self.n_evals.double().mean().item():.2f}"
+        )
+        if self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples):
+            lines.append("warning: ESS is low, so the estimate is likely a lower bound")
+        if self.n_failed:
+            counts = {s: self.status.count(s) for s in sorted(set(self.status)) if s != "converged"}
+            lines.append(f"warning: directions not converged: {counts}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary (non-finite floats written as strings)."""
+        out: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = [_encode(v) for v in value.tolist()]
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            elif isinstance(value, float):
+                out[f.name] = _encode(value)
+            else:
+                out[f.name] = value
+        out["log_volume"] = _encode(self.log_volume)
+        out["ess"] = _encode(self.ess)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the result as JSON (never pickle), atomically."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1, default=str)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VolumeResult:
+        """Inverse of :meth:`to_dict`, validating every field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ResultFileError(f"not a basin_volume result (missing format={FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ResultFileError(f"unsupported result version {data.get('version')!r}")
+        kwargs: dict[str, Any] = {}
+        try:
+            for name in _TENSOR_FIELDS:
+                values = data[name]
+                if not isinstance(values, list):
+                    raise ResultFileError(f"field {name!r} must be a list")
+                dtype = torch.int64 if name == "n_evals" else torch.float64
+                kwargs[name] = torch.tensor([_decode(v) for v in values], dtype=dtype)
+            status = data["status"]
+            if not isinstance(status, list) or not all(isinstance(s, str) for s in status):
+                raise ResultFileError("field 'status' must be a list of strings")
+            kwargs["status"] = tuple(status)
+            for name, kind in (("dim", int), ("measure", str), ("seed", int), ("meta", dict)):
+                if not isinstance(data[name], kind) or isinstance(data[name], bool):
+                    raise ResultFileError(f"field {name!r} must be {kind.__name__}")
+                kwargs[name] = data[name]
+            for name in ("cutoff", "sigma", "rtol"):
+                kwargs[name] = float(_decode(data[name]))
+        except KeyError as err:
+            raise ResultFileError(f"missing field {err.args[0]!r}") from None
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            raise ResultFileError(str(err)) from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VolumeResult:
+        """Read a result written by :meth:`save`."""
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ResultFileError(f"{os.fspath(path)}: not valid JSON ({err})") from None
+        try:
+            return cls.from_dict(data)
+        except ResultFileError as err:
+            raise ResultFileError(f"{os.fspath(path)}: {err}") from None
