@@ -6,14 +6,18 @@ The public surface is small: :func:`estimate` for any function of a parameter ve
 
 __version__ = "0.1.0"
 
+from .config import ModelType, VolumeConfig, VolumeEstimator
 from .estimator import Measure, RadiusSearchWarning, estimate
 from .result import LowESSWarning, ResultFileError, VolumeResult
 
 __all__ = [
     "LowESSWarning",
     "Measure",
+    "ModelType",
     "RadiusSearchWarning",
     "ResultFileError",
+    "VolumeConfig",
+    "VolumeEstimator",
     "VolumeResult",
     "estimate",
 ]

@@ -51,7 +51,7 @@ from .result import VolumeResult
 __all__ = ["Measure", "RadiusSearchWarning", "estimate"]
 
 
-class Measure(str, enum.Enum):
+class Measure(enum.StrEnum):
     """The measure of parameter space whose basin mass is estimated."""
 
     GAUSSIAN = "gaussian"
@@ -236,7 +236,9 @@ def estimate(
     bar = tqdm(total=n_samples, disable=not progress, desc="directions", unit="dir")
     try:
         for k in range(n_samples):
-            direction = sample_direction(k, dim, seed=seed, preconditioner=pre, device=center.device)
+            direction = sample_direction(
+                k, dim, seed=seed, preconditioner=pre, device=center.device
+            )
             omega = direction.omega
 
             def delta_at(t: float, omega=omega, k=k) -> float:

@@ -37,7 +37,7 @@ __all__ = ["log_ball_volume", "log_radial_integral", "log_sphere_area"]
 _TAIL = 50.0
 _PANELS = 24
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(16)
-_BISECTIONS = 80
+_BISECTIONS = 52
 _MAX_DOUBLINGS = 1100  # 2**1100 overflows float64: every bracket is found long before
 
 
@@ -122,9 +122,11 @@ def _log_k(rho: np.ndarray, n: np.ndarray, beta: np.ndarray) -> np.ndarray:
     width = (x_hi - x_lo) / _PANELS
     centres = x_lo[:, None] + width[:, None] * (np.arange(_PANELS) + 0.5)[None, :]
     nodes = centres[:, :, None] + 0.5 * width[:, None, None] * _NODES[None, None, :]
-    vals = np.exp(h_nodes := _log_normalised_integrand(
-        nodes, n[:, None, None], m[:, None, None], s[:, None, None], slope_term[:, None, None]
-    ))
+    vals = np.exp(
+        h_nodes := _log_normalised_integrand(
+            nodes, n[:, None, None], m[:, None, None], s[:, None, None], slope_term[:, None, None]
+        )
+    )
     del h_nodes
     total = 0.5 * width * np.einsum("ipq,q->i", vals, _WEIGHTS)
     g_m = n * np.log(m) - 0.5 * m * m + beta * m
@@ -177,7 +179,9 @@ def log_radial_integral(r: ArrayLike, n: ArrayLike, a: ArrayLike = 1.0, b: Array
         ("b", ~np.isfinite(b)),
     ):
         if bad.any():
-            raise ValueError(f"log_radial_integral: invalid {name}={np.asarray(locals()[name])[bad][0]!r}")
+            raise ValueError(
+                f"log_radial_integral: invalid {name}={np.asarray(locals()[name])[bad][0]!r}"
+            )
     sqrt_a = np.sqrt(a)
     with np.errstate(over="ignore"):
         rho = r * sqrt_a

@@ -23,7 +23,7 @@ _MAX_STEP = 1e3  # largest factor by which one step may grow or shrink the radiu
 _GROW_BLIND = 10.0  # growth factor when delta carries no scale information (delta <= 0)
 
 
-class RayStatus(str, enum.Enum):
+class RayStatus(enum.StrEnum):
     """How the search along one direction ended."""
 
     CONVERGED = "converged"
@@ -124,7 +124,7 @@ def find_radius(
     hi_t, hi_d = math.inf, math.nan  # smallest radius known outside (delta > cutoff or nan)
     last: tuple[float, float] | None = None  # previous evaluation with finite delta
     measured_slope = math.nan
-    same_side = 0  # consecutive evaluations landing on the same side of the root
+    same_side, was_inside = 0, False  # consecutive evaluations on one side of the root
     t = min(max(guess, math.ulp(0.0)), max_radius)
     for n in range(1, max_evals + 1):
         d = float(delta_at(t))

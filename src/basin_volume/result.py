@@ -198,7 +198,9 @@ class VolumeResult:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randint(0, n, (n_boot, n), generator=gen)
         boots = torch.logsumexp(self.estimates[idx], dim=1) - math.log(n)
-        q = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boots.dtype))
+        q = torch.quantile(
+            boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boots.dtype)
+        )
         return float(q[0]), float(q[1])
 
     def warn_if_unreliable(self, *, stacklevel: int = 2) -> None:

@@ -1,0 +1,75 @@
+r"""Objectives over a model's parameter vector.
+
+The KL basin of a classifier is
+
+.. math::
+
+    \delta(\theta) = \frac1N \sum_{x} \mathrm{KL}\big(p_{\theta_0}(\cdot\mid x)\,\big\|\,
+        p_\theta(\cdot\mid x)\big)
+    = \frac1N \sum_x \sum_c p_{\theta_0}(c\mid x)\big(\log p_{\theta_0}(c\mid x) -
+        \log p_\theta(c\mid x)\big),
+
+in nats. The centre's log-probabilities are computed once and cached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .parameters import FlatParameters
+
+__all__ = ["ClassifierKL", "kl_from_logprobs"]
+
+
+def kl_from_logprobs(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(ref || p) from log-probabilities over the last axis, in float64."""
+    ref_logp = ref_logp.double()
+    return (ref_logp.exp() * (ref_logp - logp.double())).sum()
+
+
+class ClassifierKL:
+    """Mean KL divergence of a classifier's predictive distribution from the centre's.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps a batch of ``inputs`` to logits ``[batch, classes]``.
+    inputs : torch.Tensor
+        Evaluation inputs (first axis is the batch), moved to the model's device.
+    batch_size : int
+        Inputs per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 4096):
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+            raise ValueError(
+                "inputs must be a non-empty tensor whose first axis indexes examples, got "
+                f"{type(inputs).__name__} of shape {getattr(inputs, 'shape', None)}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data_batch_size must be a positive integer, got {batch_size!r}")
+        self.params = FlatParameters(model)
+        self.inputs = inputs.to(self.params.device)
+        self.batch_size = batch_size
+        self.center = self.params.center()
+        with torch.no_grad():
+            self.ref_logp = [self._logp(self.center, x) for x in self._batches()]
+
+    def _batches(self):
+        return self.inputs.split(self.batch_size)
+
+    def _logp(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        logits = self.params.call(theta, x)
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"model must map a batch of inputs to logits [batch, classes]; got shape "
+                f"{tuple(logits.shape)} for a batch of {x.shape[0]}"
+            )
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=self.params.device)
+        for ref, x in zip(self.ref_logp, self._batches(), strict=True):
+            total += kl_from_logprobs(ref, self._logp(theta, x))
+        return total / len(self.inputs)

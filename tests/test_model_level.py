@@ -1,0 +1,149 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import basin_volume as bv
+from basin_volume.objectives import ClassifierKL
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def assert_identical(model, snap):
+    now = model.state_dict()
+    assert now.keys() == snap.keys()
+    for k in snap:
+        assert torch.equal(now[k], snap[k]), k
+        assert now[k].dtype == snap[k].dtype
+
+
+@pytest.fixture()
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        yield
+
+
+def test_classifier_kl_matches_brute_force(digits_run):
+    model, x = digits_run.model, digits_run.train_inputs[:100]
+    fn = ClassifierKL(model, x, batch_size=33)
+    theta = fn.center + 0.01 * torch.randn(
+        fn.center.shape, generator=torch.Generator().manual_seed(0)
+    )
+    # brute force: a deep copy with the parameters written in
+    other = type(model)(*[m for m in __import__("copy").deepcopy(model)])
+    torch.nn.utils.vector_to_parameters(theta, other.parameters())
+    with torch.no_grad():
+        p0 = torch.log_softmax(model(x).double(), -1)
+        p1 = torch.log_softmax(other(x).double(), -1)
+    expect = (p0.exp() * (p0 - p1)).sum(-1).mean()
+    assert float(fn(theta)) == pytest.approx(float(expect), rel=1e-9)
+    assert float(fn(fn.center)) == 0.0
+
+
+@pytest.mark.usefixtures("quiet")
+def test_classifier_run_converges_and_leaves_model_untouched(digits_run):
+    model = digits_run.model
+    model.train()
+    snap = snapshot(model)
+    cfg = bv.VolumeConfig(
+        model_type="classifier",
+        model=model,
+        inputs=digits_run.train_inputs,
+        n_samples=20,
+        cutoff=1e-2,
+        progress=False,
+    )
+    res = bv.VolumeEstimator.from_config(cfg).run()
+    assert_identical(model, snap)
+    assert model.training  # mode restored
+    assert set(res.status) == {"converged"}
+    assert torch.all((res.deltas - 1e-2).abs() <= 1e-2 * 1e-2)
+    assert math.isfinite(res.log_volume) and res.log_volume < 0
+    assert res.meta["config"]["model_type"] == "classifier"
+    assert res.n_evals.double().mean().item() <= 3.0
+
+
+class Exploding(nn.Module):
+    """Raises on the n-th forward pass (simulating a fault inside the model)."""
+
+    def __init__(self, after, exc=RuntimeError):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.calls = 0
+        self.after = after
+        self.exc = exc
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise self.exc("boom")
+        return self.drop(self.lin(x))
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_model_restored_when_forward_raises_midway(exc):
+    torch.manual_seed(0)
+    model = Exploding(after=5, exc=exc)
+    model.train()
+    snap = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    cfg = bv.VolumeConfig(
+        model_type="classifier", model=model, inputs=torch.randn(8, 4), n_samples=10, progress=False
+    )
+    est = bv.VolumeEstimator.from_config(cfg)
+    with pytest.raises(exc, match="boom"):
+        est.run()
+    assert model.calls > 1
+    assert_identical(model, snap)
+    assert model.training and model.drop.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_run_evaluates_in_eval_mode():
+    seen = []
+
+    class Recorder(nn.Linear):
+        def forward(self, x):
+            seen.append(self.training)
+            return super().forward(x)
+
+    model = Recorder(4, 3)
+    model.train()
+    cfg = bv.VolumeConfig(
+        model_type="classifier", model=model, inputs=torch.randn(8, 4), n_samples=3, progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        bv.VolumeEstimator.from_config(cfg).run()
+    assert seen and not any(seen)
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"model_type": "nope"}, "model_type"),
+        ({"model_type": "classifier", "model": None, "inputs": torch.zeros(2, 4)}, "model"),
+        ({"model_type": "classifier", "model": nn.Linear(4, 2)}, "inputs"),
+        (
+            {"model_type": "classifier", "model": nn.Linear(4, 2), "inputs": torch.zeros(0, 4)},
+            "inputs",
+        ),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        bv.VolumeEstimator.from_config(bv.VolumeConfig(**kw))
+
+
+def test_mlp_model_type_trains_and_runs(quiet):
+    cfg = bv.VolumeConfig(model_type="mlp", n_samples=3, progress=False)
+    res = bv.VolumeEstimator.from_config(cfg).run()
+    assert res.dim == 64 * 64 + 64 + 64 * 10 + 10
+    assert math.isfinite(res.log_volume)
