@@ -174,3 +174,18 @@ def test_unbounded_rays_gaussian_finite_uniform_infinite():
             lambda th: torch.tensor(0.0), c, n_samples=3, measure="uniform", progress=False
         )
     assert u.log_volume == math.inf
+
+
+def test_resume_equals_uninterrupted_and_callback_sees_every_direction():
+    h = torch.linspace(0.5, 3.0, 20, dtype=torch.float64)
+    fn = lambda th: 0.5 * (h * (th - C).square()).sum() + ((th - C) ** 3).sum()  # noqa: E731
+    full = run(fn=fn, n_samples=10, seed=5)
+    seen = []
+    part = run(fn=fn, n_samples=4, seed=5, callback=seen.append)
+    assert [r.index for r in seen] == [0, 1, 2, 3]
+    resumed = run(fn=fn, n_samples=10, seed=5, resume_from=part, callback=seen.append)
+    assert [r.index for r in seen] == list(range(10))
+    for name in ("estimates", "deltas", "radii", "n_evals", "slopes"):
+        assert torch.equal(getattr(full, name), getattr(resumed, name)), name
+    with pytest.raises(ValueError, match="cutoff"):
+        run(fn=fn, n_samples=10, seed=5, cutoff=0.5, resume_from=part)

@@ -38,6 +38,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ from .directions import sample_direction
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import Preconditioner, as_preconditioner
 from .radius import RayStatus, find_radius
-from .result import VolumeResult
+from .result import DirectionRecord, VolumeResult
 
 __all__ = ["Measure", "RadiusSearchWarning", "estimate"]
 
@@ -135,6 +136,8 @@ def estimate(
     progress: bool = True,
     max_evals: int = 40,
     max_radius: float | None = None,
+    callback: Callable[[DirectionRecord], None] | None = None,
+    resume_from: VolumeResult | None = None,
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -172,6 +175,13 @@ def estimate(
         ``inf``). Default: :math:`\lVert\theta_0\rVert + \sigma(\sqrt D + 50)` for the Gaussian
         measure (the prior mass beyond is negligible, so the full ray integral is exact), and
         :math:`10^6 \max(\lVert\theta_0\rVert, 1)` for the uniform measure.
+    callback : callable, optional
+        Called with each finished direction's :class:`DirectionRecord` (for incremental
+        saving).
+    resume_from : VolumeResult, optional
+        A partial result of the same run (same settings and seed): its directions are kept
+        and the run continues with the next index, giving exactly the result an
+        uninterrupted run would.
 
     Returns
     -------
@@ -224,75 +234,47 @@ def estimate(
     if not math.isfinite(f0):
         raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
 
-    log_area = log_sphere_area(dim)
-    gauss_const = -0.5 * dim * math.log(2 * math.pi) - 0.5 * (norm_c / sigma) ** 2
-    records: dict[str, list] = {k: [] for k in ("est", "delta", "prop", "mult", "lai", "evals")}
-    status: list[str] = []
-    log_radii: list[float] = []
-    slopes: list[float] = []
-    guess = 1e-2 * (sigma * math.sqrt(dim) if measure is Measure.GAUSSIAN else max(norm_c, 1.0))
+    problem = _Problem(
+        fn,
+        center,
+        center64,
+        f0,
+        dim,
+        measure,
+        sigma,
+        norm_c,
+        pre,
+        seed,
+        cutoff,
+        rtol,
+        max_radius,
+        max_evals,
+    )
+    records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
+    if resume_from is not None:
+        _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)
     started = time.perf_counter()
-
-    bar = tqdm(total=n_samples, disable=not progress, desc="directions", unit="dir")
+    bar = tqdm(
+        total=n_samples, initial=len(records), disable=not progress, desc="directions", unit="dir"
+    )
     try:
-        for k in range(n_samples):
-            direction = sample_direction(
-                k, dim, seed=seed, preconditioner=pre, device=center.device
-            )
-            omega = direction.omega
-
-            def delta_at(t: float, omega=omega, k=k) -> float:
-                with torch.no_grad():
-                    theta = center + (t * omega).to(center.dtype)
-                    return _scalar(fn(theta), f"fn at direction {k}") - f0
-
-            if log_radii:
-                guess = math.exp(statistics.median(log_radii))
-            ray = find_radius(
-                delta_at,
-                cutoff,
-                guess=guess,
-                rtol=rtol,
-                slope=statistics.median(slopes) if slopes else 2.0,
-                max_radius=max_radius,
-                max_evals=max_evals,
-            )
-            r = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-            if ray.status is RayStatus.CONVERGED:
-                log_radii.append(math.log(r))
-            if math.isfinite(ray.slope):
-                slopes.append(ray.slope)
-            if measure is Measure.GAUSSIAN:
-                beta = -float(omega.to("cpu", torch.float64) @ center64) / sigma
-                lai = gauss_const + log_radial_integral(r / sigma, dim - 1.0, 1.0, beta)
-            else:
-                lai = dim * math.log(r) - math.log(dim) if r > 0 else -math.inf
-            est = log_area + lai - dim * math.log(direction.prop)
-            for key, value in zip(
-                records,
-                (est, ray.delta, direction.prop, r / direction.prop, lai, ray.n_evals),
-                strict=True,
-            ):
-                records[key].append(value)
-            status.append(ray.status.value)
+        for k in range(len(records), n_samples):
+            record = problem.run_direction(k, *_search_state(records, problem.first_guess))
+            records.append(record)
+            if callback is not None:
+                callback(record)
             bar.update(1)
             if progress:
-                ests = torch.tensor(records["est"], dtype=torch.float64)
+                ests = torch.tensor([r.estimate for r in records], dtype=torch.float64)
                 bar.set_postfix(
                     log_vol=f"{float(torch.logsumexp(ests, 0)) - math.log(len(ests)):.5g}",
-                    evals=f"{sum(records['evals']) / len(records['evals']):.2f}",
+                    evals=f"{sum(r.n_evals for r in records) / len(records):.2f}",
                 )
     finally:
         bar.close()
 
-    result = VolumeResult(
-        estimates=torch.tensor(records["est"], dtype=torch.float64),
-        deltas=torch.tensor(records["delta"], dtype=torch.float64),
-        props=torch.tensor(records["prop"], dtype=torch.float64),
-        mults=torch.tensor(records["mult"], dtype=torch.float64),
-        logabsint=torch.tensor(records["lai"], dtype=torch.float64),
-        n_evals=torch.tensor(records["evals"], dtype=torch.int64),
-        status=tuple(status),
+    result = VolumeResult.from_records(
+        records,
         dim=dim,
         measure=measure.value,
         cutoff=float(cutoff),
@@ -312,6 +294,108 @@ def estimate(
     )
     _warn_about(result)
     return result
+
+
+def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[float, float]:
+    """First radius and log-log slope for the next direction, from the finished ones.
+
+    The median radius of the converged directions (radii concentrate in high dimension) and
+    the median measured slope; derived from the records alone, so a resumed run continues
+    exactly as an uninterrupted one.
+    """
+    log_radii = [math.log(r.radius) for r in records if r.status == RayStatus.CONVERGED]
+    slopes = [r.slope for r in records if math.isfinite(r.slope)]
+    guess = math.exp(statistics.median(log_radii)) if log_radii else first_guess
+    return guess, statistics.median(slopes) if slopes else 2.0
+
+
+def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed, n_samples):
+    mine = {
+        "dim": dim,
+        "measure": measure.value,
+        "cutoff": float(cutoff),
+        "rtol": float(rtol),
+        "seed": seed,
+    }
+    for name, value in mine.items():
+        if getattr(prev, name) != value:
+            raise ValueError(
+                f"resume_from was made with {name}={getattr(prev, name)!r} but this run has "
+                f"{name}={value!r}; resume with the same settings or start a new run"
+            )
+    if measure is Measure.GAUSSIAN and not math.isclose(prev.sigma, sigma, rel_tol=1e-12):
+        raise ValueError(f"resume_from has sigma={prev.sigma!r}, this run sigma={sigma!r}")
+    if prev.n_samples > n_samples:
+        raise ValueError(
+            f"resume_from already has {prev.n_samples} directions, more than n_samples={n_samples}"
+        )
+
+
+@dataclass
+class _Problem:
+    """Everything fixed during a run; :meth:`run_direction` does one direction."""
+
+    fn: Callable
+    center: torch.Tensor
+    center64: torch.Tensor
+    f0: float
+    dim: int
+    measure: Measure
+    sigma: float
+    norm_c: float
+    pre: Preconditioner | None
+    seed: int
+    cutoff: float
+    rtol: float
+    max_radius: float
+    max_evals: int
+
+    @property
+    def first_guess(self) -> float:
+        scale = self.sigma * math.sqrt(self.dim) if self.measure is Measure.GAUSSIAN else None
+        return 1e-2 * (scale or max(self.norm_c, 1.0))
+
+    def log_integral(self, radius: float, omega: torch.Tensor) -> float:
+        """log I(omega) for a ray of length ``radius`` (see the module docstring)."""
+        if self.measure is Measure.GAUSSIAN:
+            beta = -float(omega.to("cpu", torch.float64) @ self.center64) / self.sigma
+            const = -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * (self.norm_c / self.sigma) ** 2
+            return const + log_radial_integral(radius / self.sigma, self.dim - 1.0, 1.0, beta)
+        return self.dim * math.log(radius) - math.log(self.dim) if radius > 0 else -math.inf
+
+    def run_direction(self, k: int, guess: float, slope: float) -> DirectionRecord:
+        direction = sample_direction(
+            k, self.dim, seed=self.seed, preconditioner=self.pre, device=self.center.device
+        )
+        omega, center, fn, f0 = direction.omega, self.center, self.fn, self.f0
+
+        def delta_at(t: float) -> float:
+            with torch.no_grad():
+                theta = center + (t * omega).to(center.dtype)
+                return _scalar(fn(theta), f"fn at direction {k}") - f0
+
+        ray = find_radius(
+            delta_at,
+            self.cutoff,
+            guess=guess,
+            rtol=self.rtol,
+            slope=slope,
+            max_radius=self.max_radius,
+            max_evals=self.max_evals,
+        )
+        radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
+        lai = self.log_integral(radius, omega)
+        return DirectionRecord(
+            index=k,
+            estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(direction.prop),
+            delta=ray.delta,
+            prop=direction.prop,
+            radius=radius,
+            logabsint=lai,
+            n_evals=ray.n_evals,
+            status=ray.status.value,
+            slope=ray.slope,
+        )
 
 
 def _version() -> str:

@@ -21,11 +21,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["LowESSWarning", "ResultFileError", "VolumeResult"]
+__all__ = ["DirectionRecord", "LowESSWarning", "ResultFileError", "VolumeResult"]
 
 FORMAT = "basin_volume.VolumeResult"
 FORMAT_VERSION = 1
-_TENSOR_FIELDS = ("estimates", "deltas", "props", "mults", "logabsint", "n_evals")
+_TENSOR_FIELDS = (
+    "estimates",
+    "deltas",
+    "props",
+    "mults",
+    "logabsint",
+    "n_evals",
+    "radii",
+    "slopes",
+)
 LOW_ESS = 5.0
 
 
@@ -60,6 +69,41 @@ def _decode(x: Any) -> float:
     return x
 
 
+@dataclass(frozen=True)
+class DirectionRecord:
+    """Everything kept about one direction (one row of a :class:`VolumeResult`)."""
+
+    index: int
+    estimate: float
+    delta: float
+    prop: float
+    radius: float
+    logabsint: float
+    n_evals: int
+    status: str
+    slope: float
+
+    def to_json(self) -> dict:
+        return {k: _encode(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DirectionRecord:
+        try:
+            return cls(
+                index=int(_decode(data["index"])),
+                estimate=float(_decode(data["estimate"])),
+                delta=float(_decode(data["delta"])),
+                prop=float(_decode(data["prop"])),
+                radius=float(_decode(data["radius"])),
+                logabsint=float(_decode(data["logabsint"])),
+                n_evals=int(_decode(data["n_evals"])),
+                status=str(data["status"]),
+                slope=float(_decode(data["slope"])),
+            )
+        except (KeyError, TypeError) as err:
+            raise ResultFileError(f"malformed direction record {data!r}: {err}") from None
+
+
 @dataclass(frozen=True, eq=False)
 class VolumeResult:
     r"""Per-direction records and the aggregate estimate of a basin's size.
@@ -81,6 +125,12 @@ class VolumeResult:
         the uniform measure), so that ``estimates = log A_D + logabsint - D log props``.
     n_evals : torch.Tensor
         int64 ``[n]``, evaluations of the objective spent on each direction.
+    radii : torch.Tensor
+        float64 ``[n]``, the radius of each direction exactly as evaluated (``inf`` for an
+        unbounded ray).
+    slopes : torch.Tensor
+        float64 ``[n]``, the log-log slope of delta measured near each radius (``nan`` if
+        the search needed a single evaluation).
     status : tuple of str
         How each direction's radius search ended (see :class:`basin_volume.radius.RayStatus`).
     dim : int
@@ -101,6 +151,8 @@ class VolumeResult:
     mults: torch.Tensor
     logabsint: torch.Tensor
     n_evals: torch.Tensor
+    radii: torch.Tensor
+    slopes: torch.Tensor
     status: tuple[str, ...]
     dim: int
     measure: str
@@ -123,10 +175,45 @@ class VolumeResult:
         """Number of directions."""
         return len(self.status)
 
-    @property
-    def radii(self) -> torch.Tensor:
-        """Radius of each direction, ``mults * props``."""
-        return self.mults * self.props
+    @classmethod
+    def from_records(cls, records, **settings) -> VolumeResult:
+        """Assemble a result from :class:`DirectionRecord` rows (in index order)."""
+        records = list(records)
+        if [r.index for r in records] != list(range(len(records))):
+            raise ValueError("records must hold directions 0, 1, ..., n-1 in order")
+
+        def col(name, dtype=torch.float64):
+            return torch.tensor([getattr(r, name) for r in records], dtype=dtype)
+
+        return cls(
+            estimates=col("estimate"),
+            deltas=col("delta"),
+            props=col("prop"),
+            mults=col("radius") / col("prop"),
+            logabsint=col("logabsint"),
+            n_evals=col("n_evals", torch.int64),
+            radii=col("radius"),
+            slopes=col("slope"),
+            status=tuple(r.status for r in records),
+            **settings,
+        )
+
+    def records(self) -> list[DirectionRecord]:
+        """The per-direction rows (inverse of :meth:`from_records`)."""
+        return [
+            DirectionRecord(
+                index=k,
+                estimate=float(self.estimates[k]),
+                delta=float(self.deltas[k]),
+                prop=float(self.props[k]),
+                radius=float(self.radii[k]),
+                logabsint=float(self.logabsint[k]),
+                n_evals=int(self.n_evals[k]),
+                status=self.status[k],
+                slope=float(self.slopes[k]),
+            )
+            for k in range(self.n_samples)
+        ]
 
     @property
     def log_volume(self) -> float:
