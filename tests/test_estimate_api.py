@@ -179,13 +179,16 @@ def test_unbounded_rays_gaussian_finite_uniform_infinite():
 def test_resume_equals_uninterrupted_and_callback_sees_every_direction():
     h = torch.linspace(0.5, 3.0, 20, dtype=torch.float64)
     fn = lambda th: 0.5 * (h * (th - C).square()).sum() + ((th - C) ** 3).sum()  # noqa: E731
-    full = run(fn=fn, n_samples=10, seed=5)
+    full = run(fn=fn, n_samples=10, seed=5, rtol=1e-6)
     seen = []
-    part = run(fn=fn, n_samples=4, seed=5, callback=seen.append)
+    part = run(fn=fn, n_samples=4, seed=5, rtol=1e-6, callback=seen.append)
     assert [r.index for r in seen] == [0, 1, 2, 3]
-    resumed = run(fn=fn, n_samples=10, seed=5, resume_from=part, callback=seen.append)
+    resumed = run(fn=fn, n_samples=10, seed=5, rtol=1e-6, resume_from=part,
+                  callback=seen.append)
     assert [r.index for r in seen] == list(range(10))
+    assert torch.isfinite(full.slopes).any()
     for name in ("estimates", "deltas", "radii", "n_evals", "slopes"):
-        assert torch.equal(getattr(full, name), getattr(resumed, name)), name
+        torch.testing.assert_close(getattr(full, name), getattr(resumed, name), rtol=0, atol=0,
+                                   equal_nan=True)
     with pytest.raises(ValueError, match="cutoff"):
-        run(fn=fn, n_samples=10, seed=5, cutoff=0.5, resume_from=part)
+        run(fn=fn, n_samples=10, seed=5, rtol=1e-6, cutoff=0.5, resume_from=part)
