@@ -183,12 +183,12 @@ def test_resume_equals_uninterrupted_and_callback_sees_every_direction():
     seen = []
     part = run(fn=fn, n_samples=4, seed=5, rtol=1e-6, callback=seen.append)
     assert [r.index for r in seen] == [0, 1, 2, 3]
-    resumed = run(fn=fn, n_samples=10, seed=5, rtol=1e-6, resume_from=part,
-                  callback=seen.append)
+    resumed = run(fn=fn, n_samples=10, seed=5, rtol=1e-6, resume_from=part, callback=seen.append)
     assert [r.index for r in seen] == list(range(10))
     assert torch.isfinite(full.slopes).any()
     for name in ("estimates", "deltas", "radii", "n_evals", "slopes"):
-        torch.testing.assert_close(getattr(full, name), getattr(resumed, name), rtol=0, atol=0,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            getattr(full, name), getattr(resumed, name), rtol=0, atol=0, equal_nan=True
+        )
     with pytest.raises(ValueError, match="cutoff"):
         run(fn=fn, n_samples=10, seed=5, rtol=1e-6, cutoff=0.5, resume_from=part)

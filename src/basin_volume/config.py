@@ -10,6 +10,8 @@ modes are restored after the run, also when it raises or is interrupted.
 from __future__ import annotations
 
 import enum
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -171,6 +173,16 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
         raise ValueError("inputs is required for model_type='classifier': pass inputs=<tensor>")
     with preserved(config.model):
         fn = ClassifierKL(config.model, config.inputs, batch_size=config.data_batch_size)
+    n_classes = fn.ref_logp[0].shape[-1]
+    if isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
+        warnings.warn(
+            f"cutoff={config.cutoff:g} nats is at least log({n_classes}) = "
+            f"{math.log(n_classes):.3g}, the KL from the centre to a constant uniform "
+            "predictor: such a basin contains networks that have forgotten everything; typical "
+            "cutoffs are 1e-3 to 1e-1",
+            UserWarning,
+            stacklevel=3,
+        )
     return VolumeEstimator(config, config.model, fn, fn.center)
 
 

@@ -119,6 +119,15 @@ def _resolve_sigma(sigma, center: torch.Tensor, measure: Measure) -> float:
             )
         return rms
     _check_positive("sigma", sigma)
+    rms = float(torch.linalg.vector_norm(center.double()) / math.sqrt(center.numel()))
+    if rms > 0 and not 1e-2 <= sigma / rms <= 1e2:
+        warnings.warn(
+            f"sigma={sigma:g} is {sigma / rms:.3g} times the RMS of the centre ({rms:.3g}); "
+            "the prior is then far from the parameters' scale (did you pass a variance, or "
+            "the wrong units?)",
+            UserWarning,
+            stacklevel=3,
+        )
     return float(sigma)
 
 

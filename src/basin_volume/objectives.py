@@ -36,7 +36,8 @@ class ClassifierKL:
     model : torch.nn.Module
         Maps a batch of ``inputs`` to logits ``[batch, classes]``.
     inputs : torch.Tensor
-        Evaluation inputs (first axis is the batch), moved to the model's device.
+        Evaluation inputs (first axis is the batch), moved to the model's device (and, if
+        floating point, cast to the parameters' dtype).
     batch_size : int
         Inputs per forward pass.
     """
@@ -50,7 +51,8 @@ class ClassifierKL:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data_batch_size must be a positive integer, got {batch_size!r}")
         self.params = FlatParameters(model)
-        self.inputs = inputs.to(self.params.device)
+        dtype = self.params.dtype if inputs.is_floating_point() else inputs.dtype
+        self.inputs = inputs.to(self.params.device, dtype)
         self.batch_size = batch_size
         self.center = self.params.center()
         with torch.no_grad():
