@@ -43,13 +43,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .directions import sample_direction
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import Preconditioner, as_preconditioner
 from .radius import RayStatus, find_radius
+from .rays import DenseRays, InPlaceRays
 from .result import DirectionRecord, VolumeResult
 
-__all__ = ["Measure", "RadiusSearchWarning", "estimate"]
+__all__ = ["Measure", "RadiusSearchWarning", "estimate", "run_rays"]
 
 
 class Measure(enum.StrEnum):
@@ -63,19 +63,6 @@ class Measure(enum.StrEnum):
 
 class RadiusSearchWarning(RuntimeWarning):
     """Some directions' radius searches did not converge; see ``VolumeResult.status``."""
-
-
-def _scalar(value, what: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"fn must return a scalar (a 0-d tensor or a float), but {what} returned a "
-                f"tensor of shape {tuple(value.shape)}; reduce it, e.g. with .mean()"
-            )
-        return float(value.detach().reshape(()).to("cpu", torch.float64))
-    if isinstance(value, int | float):
-        return float(value)
-    raise TypeError(f"fn must return a scalar tensor or float, but {what} returned {type(value)}")
 
 
 def _check_center(center) -> torch.Tensor:
@@ -107,11 +94,11 @@ def _check_positive(name: str, value, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
-def _resolve_sigma(sigma, center: torch.Tensor, measure: Measure) -> float:
+def _resolve_sigma(sigma, norm_c: float, dim: int, measure: Measure) -> float:
     if measure is Measure.UNIFORM:
         return math.nan
+    rms = norm_c / math.sqrt(dim)
     if sigma is None:
-        rms = float(torch.linalg.vector_norm(center.double()) / math.sqrt(center.numel()))
         if rms == 0:
             raise ValueError(
                 "sigma is missing and cannot be derived: the centre is all zeros, so its RMS "
@@ -119,14 +106,13 @@ def _resolve_sigma(sigma, center: torch.Tensor, measure: Measure) -> float:
             )
         return rms
     _check_positive("sigma", sigma)
-    rms = float(torch.linalg.vector_norm(center.double()) / math.sqrt(center.numel()))
     if rms > 0 and not 1e-2 <= sigma / rms <= 1e2:
         warnings.warn(
             f"sigma={sigma:g} is {sigma / rms:.3g} times the RMS of the centre ({rms:.3g}); "
             "the prior is then far from the parameters' scale (did you pass a variance, or "
             "the wrong units?)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return float(sigma)
 
@@ -216,6 +202,56 @@ def estimate(
     True
     """
     center = _check_center(center)
+    _check_seed(seed)
+    pre = as_preconditioner(preconditioner, center.numel())
+    rays = DenseRays(fn, center, seed=seed, preconditioner=pre)
+    return run_rays(
+        rays,
+        n_samples=n_samples,
+        cutoff=cutoff,
+        measure=measure,
+        sigma=sigma,
+        rtol=rtol,
+        seed=seed,
+        progress=progress,
+        max_evals=max_evals,
+        max_radius=max_radius,
+        callback=callback,
+        resume_from=resume_from,
+        meta={
+            "device": str(center.device),
+            "dtype": str(center.dtype).removeprefix("torch."),
+            "preconditioner": None if pre is None else type(pre).__name__,
+        },
+    )
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
+def run_rays(
+    rays: DenseRays | InPlaceRays,
+    *,
+    n_samples: int,
+    cutoff: float,
+    measure: Measure | str,
+    sigma: float | None,
+    rtol: float,
+    seed: int,
+    progress: bool,
+    max_evals: int,
+    max_radius: float | None,
+    callback: Callable[[DirectionRecord], None] | None,
+    resume_from: VolumeResult | None,
+    meta: dict,
+) -> VolumeResult:
+    """The estimator proper, for any ray evaluator of :mod:`basin_volume.rays`.
+
+    :func:`estimate` documents the arguments. The evaluator is restored to the centre after
+    every direction and on any exception.
+    """
     try:
         measure = Measure(measure)
     except ValueError:
@@ -224,49 +260,30 @@ def estimate(
     _check_positive("cutoff", cutoff)
     _check_positive("rtol", rtol)
     _check_positive("max_evals", max_evals, integer=True)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    dim = center.numel()
-    sigma = _resolve_sigma(sigma, center, measure)
-    pre = as_preconditioner(preconditioner, dim)
-    center64 = center.to("cpu", torch.float64)
-    norm_c = float(torch.linalg.vector_norm(center64))
+    _check_seed(seed)
+    dim, norm_c = rays.dim, rays.center_norm
+    sigma = _resolve_sigma(sigma, norm_c, dim, measure)
     if max_radius is None:
         if measure is Measure.GAUSSIAN:
             max_radius = norm_c + sigma * (math.sqrt(dim) + 50.0)
         else:
             max_radius = 1e6 * max(norm_c, 1.0)
     _check_positive("max_radius", max_radius)
-
-    with torch.no_grad():
-        f0 = _scalar(fn(center), "fn(center)")
-    if not math.isfinite(f0):
-        raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
-
-    problem = _Problem(
-        fn,
-        center,
-        center64,
-        f0,
-        dim,
-        measure,
-        sigma,
-        norm_c,
-        pre,
-        seed,
-        cutoff,
-        rtol,
-        max_radius,
-        max_evals,
-    )
-    records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
     if resume_from is not None:
         _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)
+
     started = time.perf_counter()
+    records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
     bar = tqdm(
         total=n_samples, initial=len(records), disable=not progress, desc="directions", unit="dir"
     )
     try:
+        f0 = rays.value_at_center()
+        if not math.isfinite(f0):
+            raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
+        problem = _Problem(
+            rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
+        )
         for k in range(len(records), n_samples):
             record = problem.run_direction(k, *_search_state(records, problem.first_guess))
             records.append(record)
@@ -281,6 +298,7 @@ def estimate(
                 )
     finally:
         bar.close()
+        rays.restore()
 
     result = VolumeResult.from_records(
         records,
@@ -292,9 +310,7 @@ def estimate(
         seed=seed,
         meta={
             "f0": f0,
-            "device": str(center.device),
-            "dtype": str(center.dtype).removeprefix("torch."),
-            "preconditioner": None if pre is None else type(pre).__name__,
+            **meta,
             "max_radius": max_radius,
             "seconds": time.perf_counter() - started,
             "torch_version": torch.__version__,
@@ -344,16 +360,12 @@ def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed
 class _Problem:
     """Everything fixed during a run; :meth:`run_direction` does one direction."""
 
-    fn: Callable
-    center: torch.Tensor
-    center64: torch.Tensor
+    rays: DenseRays | InPlaceRays
     f0: float
     dim: int
     measure: Measure
     sigma: float
     norm_c: float
-    pre: Preconditioner | None
-    seed: int
     cutoff: float
     rtol: float
     max_radius: float
@@ -364,27 +376,19 @@ class _Problem:
         scale = self.sigma * math.sqrt(self.dim) if self.measure is Measure.GAUSSIAN else None
         return 1e-2 * (scale or max(self.norm_c, 1.0))
 
-    def log_integral(self, radius: float, omega: torch.Tensor) -> float:
-        """log I(omega) for a ray of length ``radius`` (see the module docstring)."""
+    def log_integral(self, radius: float, dot: float) -> float:
+        """log I(omega) for a ray of length ``radius`` with omega . theta0 = ``dot``."""
         if self.measure is Measure.GAUSSIAN:
-            beta = -float(omega.to("cpu", torch.float64) @ self.center64) / self.sigma
             const = -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * (self.norm_c / self.sigma) ** 2
+            beta = -dot / self.sigma
             return const + log_radial_integral(radius / self.sigma, self.dim - 1.0, 1.0, beta)
         return self.dim * math.log(radius) - math.log(self.dim) if radius > 0 else -math.inf
 
     def run_direction(self, k: int, guess: float, slope: float) -> DirectionRecord:
-        direction = sample_direction(
-            k, self.dim, seed=self.seed, preconditioner=self.pre, device=self.center.device
-        )
-        omega, center, fn, f0 = direction.omega, self.center, self.fn, self.f0
-
-        def delta_at(t: float) -> float:
-            with torch.no_grad():
-                theta = center + (t * omega).to(center.dtype)
-                return _scalar(fn(theta), f"fn at direction {k}") - f0
-
+        ray_start = self.rays.start(k)
+        f0, rays = self.f0, self.rays
         ray = find_radius(
-            delta_at,
+            lambda t: rays.value_at(t) - f0,
             self.cutoff,
             guess=guess,
             rtol=self.rtol,
@@ -392,13 +396,14 @@ class _Problem:
             max_radius=self.max_radius,
             max_evals=self.max_evals,
         )
+        rays.restore()
         radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-        lai = self.log_integral(radius, omega)
+        lai = self.log_integral(radius, ray_start.dot)
         return DirectionRecord(
             index=k,
-            estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(direction.prop),
+            estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(ray_start.prop),
             delta=ray.delta,
-            prop=direction.prop,
+            prop=ray_start.prop,
             radius=radius,
             logabsint=lai,
             n_evals=ray.n_evals,

@@ -54,14 +54,18 @@ class ClassifierKL:
         dtype = self.params.dtype if inputs.is_floating_point() else inputs.dtype
         self.inputs = inputs.to(self.params.device, dtype)
         self.batch_size = batch_size
-        self.center = self.params.center()
         with torch.no_grad():
-            self.ref_logp = [self._logp(self.center, x) for x in self._batches()]
+            self.ref_logp = [self._logp(None, x) for x in self._batches()]
+
+    @property
+    def center(self) -> torch.Tensor:
+        """A flat copy of the model's parameters (made on each access)."""
+        return self.params.center()
 
     def _batches(self):
         return self.inputs.split(self.batch_size)
 
-    def _logp(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _logp(self, theta: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         logits = self.params.call(theta, x)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(
@@ -70,7 +74,8 @@ class ClassifierKL:
             )
         return torch.log_softmax(logits.double(), dim=-1)
 
-    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+    def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean KL at ``theta`` (``None``: the parameters currently in the model)."""
         total = torch.zeros((), dtype=torch.float64, device=self.params.device)
         for ref, x in zip(self.ref_logp, self._batches(), strict=True):
             total += kl_from_logprobs(ref, self._logp(theta, x))

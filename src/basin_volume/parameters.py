@@ -56,8 +56,14 @@ class FlatParameters:
             )
         }
 
-    def call(self, theta: torch.Tensor, *args, **kwargs):
-        """``model(*args, **kwargs)`` evaluated with parameters ``theta``."""
+    def call(self, theta: torch.Tensor | None, *args, **kwargs):
+        """``model(*args, **kwargs)`` evaluated with parameters ``theta``.
+
+        ``theta=None`` uses the parameters currently in the model (the memory-light mode of
+        :class:`basin_volume.rays.InPlaceRays` writes them in place).
+        """
+        if theta is None:
+            return self.model(*args, **kwargs)
         return functional_call(self.model, self.as_dict(theta), args, kwargs)
 
 

@@ -1,0 +1,193 @@
+r"""How the objective is evaluated along a ray :math:`\theta_0 + t\omega`.
+
+Two interchangeable strategies give the same numbers (to float rounding) for the same seed:
+
+* :class:`DenseRays` holds the direction :math:`\omega` as a float64 vector and calls
+  ``fn(theta)`` with a fresh :math:`\theta = \theta_0 + t\omega` (functional: nothing is
+  written anywhere). Fast for small and medium models.
+* :class:`InPlaceRays` never holds a direction: each evaluation regenerates the direction
+  chunk by chunk (:func:`basin_volume.directions.normal_chunks`) and writes
+  :math:`\theta_0 + t\omega` straight into the model's parameters, which are restored by
+  copying from one saved copy of :math:`\theta_0` (never by subtracting). Extra memory: that
+  one copy, one chunk, and a diagonal preconditioner's scales if one is used.
+
+Both accumulate the norms and :math:`\omega\cdot\theta_0` in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .directions import normal_chunks, sample_direction
+from .preconditioners import DiagonalPreconditioner, Preconditioner
+
+__all__ = ["DenseRays", "InPlaceRays", "RayStart"]
+
+
+@dataclass(frozen=True)
+class RayStart:
+    """What the estimator needs to know about direction ``k`` before searching along it.
+
+    Attributes
+    ----------
+    prop : float
+        :math:`\\lVert Pu\\rVert` (1 without a preconditioner).
+    dot : float
+        :math:`\\omega\\cdot\\theta_0`, in float64.
+    """
+
+    prop: float
+    dot: float
+
+
+def scalar(value, what: str) -> float:
+    """``value`` as a Python float, insisting that it is a scalar."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"fn must return a scalar (a 0-d tensor or a float), but {what} returned a "
+                f"tensor of shape {tuple(value.shape)}; reduce it, e.g. with .mean()"
+            )
+        return float(value.detach().reshape(()).to("cpu", torch.float64))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"fn must return a scalar tensor or float, but {what} returned {type(value)}")
+
+
+class DenseRays:
+    """Rays of ``fn(theta)`` around ``center`` with whole-vector directions."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        center: torch.Tensor,
+        *,
+        seed: int,
+        preconditioner: Preconditioner | None,
+    ):
+        self.fn, self.center, self.seed, self.pre = fn, center, seed, preconditioner
+        self.dim = center.numel()
+        self.center64 = center.to("cpu", torch.float64)
+        self.center_norm = float(torch.linalg.vector_norm(self.center64))
+        self.omega: torch.Tensor | None = None
+        self.index = -1
+
+    def value_at_center(self) -> float:
+        with torch.no_grad():
+            return scalar(self.fn(self.center), "fn(center)")
+
+    def start(self, index: int) -> RayStart:
+        d = sample_direction(index, self.dim, seed=self.seed, preconditioner=self.pre)
+        self.omega, self.index = d.omega.to(self.center.device), index
+        return RayStart(d.prop, float(d.omega @ self.center64))
+
+    def value_at(self, t: float) -> float:
+        with torch.no_grad():
+            theta = self.center + (t * self.omega).to(self.center.dtype)
+            return scalar(self.fn(theta), f"fn at direction {self.index}")
+
+    def restore(self) -> None:
+        self.omega = None
+
+
+class InPlaceRays:
+    """Rays evaluated by writing :math:`\\theta_0 + t\\omega` into ``params`` in place.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn() -> scalar``: the objective at the parameters currently in the model.
+    params : sequence of torch.Tensor
+        The model's parameters, in ``parameters_to_vector`` order (contiguous).
+    seed : int
+        Seed of the run.
+    preconditioner : DiagonalPreconditioner, optional
+        Only diagonal preconditioners can be applied chunk by chunk.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], object],
+        params: Sequence[torch.Tensor],
+        *,
+        seed: int,
+        preconditioner: Preconditioner | None,
+    ):
+        if preconditioner is not None and not isinstance(preconditioner, DiagonalPreconditioner):
+            raise ValueError(
+                "the memory-light mode supports diagonal preconditioners only; use "
+                f"low_memory=False with {type(preconditioner).__name__}"
+            )
+        self.fn, self.seed = fn, seed
+        self.params = list(params)
+        for p in self.params:
+            if not p.is_contiguous():
+                raise ValueError("memory-light mode needs contiguous parameters")
+        self.device = self.params[0].device
+        self.dim = sum(p.numel() for p in self.params)
+        with torch.no_grad():
+            self.saved = [p.detach().clone() for p in self.params]
+        self.center_norm = math.sqrt(sum(float(s.double().square().sum()) for s in self.saved))
+        if not math.isfinite(self.center_norm):
+            raise ValueError("the model's parameters contain NaN or inf: the basin is undefined")
+        self.scales = (
+            None if preconditioner is None else preconditioner.scales.to(self.device, torch.float64)
+        )
+        self.index, self.v_norm = -1, math.nan
+        # flat offset of each parameter
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+
+    def _chunks(self):
+        """Yield (start, P z chunk in float64 on the device)."""
+        for start, z in normal_chunks(self.seed, self.index, self.dim):
+            z = z.to(self.device, torch.float64)
+            if self.scales is not None:
+                z = z * self.scales[start : start + z.numel()]
+            yield start, z
+
+    def _pieces(self, start: int, size: int):
+        """(param index, slice in the param, slice in the chunk) overlapping [start, start+size)."""
+        stop = start + size
+        for j, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:], strict=True)):
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                yield j, slice(lo - a, hi - a), slice(lo - start, hi - start)
+
+    def value_at_center(self) -> float:
+        self.restore()
+        with torch.no_grad():
+            return scalar(self.fn(), "fn(center)")
+
+    def start(self, index: int) -> RayStart:
+        self.index = index
+        z_sq = v_sq = dot = 0.0
+        for (start, z_chunk), (_, v) in zip(
+            normal_chunks(self.seed, index, self.dim), self._chunks(), strict=True
+        ):
+            z_sq += float(z_chunk.double().square().sum())
+            v_sq += float(v.square().sum())
+            for j, in_p, in_c in self._pieces(start, v.numel()):
+                dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].double())
+        self.v_norm = math.sqrt(v_sq)
+        return RayStart(self.v_norm / math.sqrt(z_sq), dot / self.v_norm)
+
+    def value_at(self, t: float) -> float:
+        with torch.no_grad():
+            for start, v in self._chunks():
+                step = t * (v / self.v_norm)
+                for j, in_p, in_c in self._pieces(start, v.numel()):
+                    target = self.params[j].view(-1)[in_p]
+                    target.copy_(self.saved[j].view(-1)[in_p] + step[in_c].to(target.dtype))
+            return scalar(self.fn(), f"fn at direction {self.index}")
+
+    def restore(self) -> None:
+        """Copy the saved centre back into the parameters (exact)."""
+        with torch.no_grad():
+            for p, s in zip(self.params, self.saved, strict=True):
+                p.copy_(s)

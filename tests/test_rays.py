@@ -1,0 +1,100 @@
+"""Memory-light (in-place) rays equal whole-vector rays, and leave the model exact."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import basin_volume as bv
+from basin_volume import directions
+from basin_volume.estimator import run_rays
+from basin_volume.objectives import ClassifierKL
+from basin_volume.preconditioners import DiagonalPreconditioner
+from basin_volume.rays import DenseRays, InPlaceRays
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+SETTINGS = dict(
+    n_samples=6,
+    cutoff=1e-2,
+    measure="gaussian",
+    sigma=None,
+    rtol=1e-6,
+    seed=3,
+    progress=False,
+    max_evals=40,
+    max_radius=None,
+    callback=None,
+    resume_from=None,
+    meta={},
+)
+
+
+def both(model, x, pre=None):
+    fn = ClassifierKL(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        dense = run_rays(DenseRays(fn, fn.center, seed=3, preconditioner=pre), **SETTINGS)
+        light = run_rays(
+            InPlaceRays(fn, list(model.parameters()), seed=3, preconditioner=pre), **SETTINGS
+        )
+    return dense, light
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 100, 37])
+@pytest.mark.parametrize("with_pre", [False, True])
+def test_light_equals_dense(monkeypatch, chunk, with_pre):
+    monkeypatch.setattr(directions, "CHUNK_SIZE", chunk)
+    model = make_model()
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    dim = sum(p.numel() for p in model.parameters())
+    pre = None
+    if with_pre:
+        pre = DiagonalPreconditioner(
+            torch.rand(dim, generator=torch.Generator().manual_seed(2)) + 0.1
+        )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense, light = both(model, x, pre)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    torch.testing.assert_close(light.props, dense.props, rtol=1e-12, atol=0)
+    torch.testing.assert_close(light.radii, dense.radii, rtol=1e-5, atol=0)
+    torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-9, atol=1e-6)
+    assert light.log_volume == pytest.approx(dense.log_volume, rel=1e-9, abs=1e-6)
+
+
+def test_light_mode_restores_model_when_fn_raises():
+    model = make_model()
+    x = torch.randn(8, 10)
+    fn = ClassifierKL(model, x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return fn()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rays(
+            InPlaceRays(failing, list(model.parameters()), seed=0, preconditioner=None), **SETTINGS
+        )
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_light_mode_rejects_dense_preconditioner():
+    class Dense:
+        dim = 3
+
+        def apply(self, u):
+            return u
+
+    with pytest.raises(ValueError, match="diagonal"):
+        InPlaceRays(lambda: 0.0, [torch.zeros(3)], seed=0, preconditioner=Dense())
