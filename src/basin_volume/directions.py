@@ -25,7 +25,7 @@ from .preconditioners import Preconditioner
 
 __all__ = ["CHUNK_SIZE", "Direction", "direction_seed", "normal_chunks", "sample_direction"]
 
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 18
 
 
 def direction_seed(seed: int, index: int, chunk: int = 0) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import directions
 from .directions import normal_chunks, sample_direction
 from .preconditioners import DiagonalPreconditioner, Preconditioner
 
@@ -131,7 +132,13 @@ class InPlaceRays:
         self.dim = sum(p.numel() for p in self.params)
         with torch.no_grad():
             self.saved = [p.detach().clone() for p in self.params]
-        self.center_norm = math.sqrt(sum(float(s.double().square().sum()) for s in self.saved))
+        self.center_norm = math.sqrt(
+            sum(
+                float(block.double().square().sum())
+                for s in self.saved
+                for block in s.view(-1).split(directions.CHUNK_SIZE)
+            )
+        )
         if not math.isfinite(self.center_norm):
             raise ValueError("the model's parameters contain NaN or inf: the basin is undefined")
         self.scales = (
