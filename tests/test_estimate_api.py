@@ -192,3 +192,19 @@ def test_resume_equals_uninterrupted_and_callback_sees_every_direction():
         )
     with pytest.raises(ValueError, match="cutoff"):
         run(fn=fn, n_samples=10, seed=5, rtol=1e-6, cutoff=0.5, resume_from=part)
+
+
+def test_merge_pools_independent_runs():
+    a, b = run(n_samples=3, seed=1), run(n_samples=4, seed=2)
+    m = bv.VolumeResult.merge([a, b])
+    assert m.n_samples == 7
+    torch.testing.assert_close(m.estimates, torch.cat([a.estimates, b.estimates]))
+    expect = torch.logsumexp(torch.cat([a.estimates, b.estimates]), 0).item() - math.log(7)
+    assert m.log_volume == pytest.approx(expect, rel=1e-14)
+    assert m.meta["merged_seeds"] == [1, 2]
+    with pytest.raises(ValueError, match="seed"):
+        bv.VolumeResult.merge([a, a])
+    with pytest.raises(ValueError, match="cutoff"):
+        bv.VolumeResult.merge([a, run(n_samples=2, seed=3, cutoff=0.5)])
+    with pytest.raises(ValueError, match="merged"):
+        run(n_samples=9, seed=1, resume_from=m)

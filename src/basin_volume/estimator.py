@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import Preconditioner, as_preconditioner
 from .radius import RayStatus, find_radius
@@ -50,6 +51,10 @@ from .rays import DenseRays, InPlaceRays
 from .result import DirectionRecord, VolumeResult
 
 __all__ = ["Measure", "RadiusSearchWarning", "estimate", "run_rays"]
+
+
+WARMUP = 16
+"""Directions whose radii seed the first guess of every later direction."""
 
 
 class Measure(enum.StrEnum):
@@ -274,8 +279,15 @@ def run_rays(
 
     started = time.perf_counter()
     records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
+    init_from_env()
+    rank, size = world()
+    todo = [k for k in range(len(records), n_samples) if k < WARMUP or k % size == rank]
     bar = tqdm(
-        total=n_samples, initial=len(records), disable=not progress, desc="directions", unit="dir"
+        total=len(records) + len(todo),
+        initial=len(records),
+        disable=not progress or rank != 0,
+        desc="directions",
+        unit="dir",
     )
     try:
         f0 = rays.value_at_center()
@@ -284,13 +296,14 @@ def run_rays(
         problem = _Problem(
             rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
         )
-        for k in range(len(records), n_samples):
-            record = problem.run_direction(k, *_search_state(records, problem.first_guess))
+        for k in todo:
+            state = _search_state(records[:WARMUP], problem.first_guess)
+            record = problem.run_direction(k, *state)
             records.append(record)
             if callback is not None:
                 callback(record)
             bar.update(1)
-            if progress:
+            if progress and rank == 0:
                 ests = torch.tensor([r.estimate for r in records], dtype=torch.float64)
                 bar.set_postfix(
                     log_vol=f"{float(torch.logsumexp(ests, 0)) - math.log(len(ests)):.5g}",
@@ -299,6 +312,7 @@ def run_rays(
     finally:
         bar.close()
         rays.restore()
+    records = gather_records(records)
 
     result = VolumeResult.from_records(
         records,
@@ -322,11 +336,12 @@ def run_rays(
 
 
 def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[float, float]:
-    """First radius and log-log slope for the next direction, from the finished ones.
+    """First radius and log-log slope for the next direction, from earlier ones.
 
-    The median radius of the converged directions (radii concentrate in high dimension) and
-    the median measured slope; derived from the records alone, so a resumed run continues
-    exactly as an uninterrupted one.
+    The median radius of the converged directions among ``records`` (radii concentrate in
+    high dimension) and their median measured slope. The estimator passes the first
+    :data:`WARMUP` directions only, so direction ``k``'s search depends on nothing but ``k``
+    and those: resumed, reordered and sharded runs give the same result for every direction.
     """
     log_radii = [math.log(r.radius) for r in records if r.status == RayStatus.CONVERGED]
     slopes = [r.slope for r in records if math.isfinite(r.slope)]
@@ -335,6 +350,8 @@ def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[f
 
 
 def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed, n_samples):
+    if "merged_seeds" in prev.meta:
+        raise ValueError("resume_from is a merged result; resume one of its parts instead")
     mine = {
         "dim": dim,
         "measure": measure.value,

@@ -324,6 +324,52 @@ class VolumeResult:
             lines.append(f"warning: directions not converged: {counts}")
         return "\n".join(lines)
 
+    @classmethod
+    def merge(cls, results: list[VolumeResult]) -> VolumeResult:
+        """Pool the directions of independent runs of the same basin (different seeds).
+
+        The runs must share ``dim``, ``measure``, ``cutoff``, ``sigma`` and ``rtol``; their
+        seeds must differ (equal seeds would repeat the same directions). The pooled
+        log-mean-exp is the estimate from all directions together. A merged result records
+        its parts in ``meta["merged_seeds"]`` and cannot be resumed.
+        """
+        results = list(results)
+        if not results:
+            raise ValueError("merge needs at least one result")
+        first = results[0]
+        for other in results[1:]:
+            for name in ("dim", "measure", "cutoff", "rtol"):
+                if getattr(other, name) != getattr(first, name):
+                    raise ValueError(
+                        f"cannot merge results with different {name}: "
+                        f"{getattr(first, name)!r} and {getattr(other, name)!r}"
+                    )
+            if not (math.isnan(first.sigma) and math.isnan(other.sigma)) and not math.isclose(
+                first.sigma, other.sigma, rel_tol=1e-12
+            ):
+                raise ValueError(
+                    f"cannot merge results with different sigma: {first.sigma} and {other.sigma}"
+                )
+        seeds = [s for r in results for s in r.meta.get("merged_seeds", [r.seed])]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(
+                f"results share a seed ({seeds}): their directions are the same; "
+                "run the parts with different seeds"
+            )
+        rows = [rec for r in results for rec in r.records()]
+        rows = [DirectionRecord(**{**rec.__dict__, "index": i}) for i, rec in enumerate(rows)]
+        meta = {"merged_seeds": seeds, "parts": [r.meta for r in results]}
+        return cls.from_records(
+            rows,
+            dim=first.dim,
+            measure=first.measure,
+            cutoff=first.cutoff,
+            sigma=first.sigma,
+            rtol=first.rtol,
+            seed=first.seed,
+            meta=meta,
+        )
+
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (non-finite floats written as strings)."""

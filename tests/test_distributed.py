@@ -1,0 +1,61 @@
+"""Directions sharded over two gloo ranks under torchrun equal a single-process run."""
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import basin_volume as bv
+
+SCRIPT = Path(__file__).parent / "scripts" / "sharded_run.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from sharded_run import problem  # noqa: E402
+
+
+def torchrun(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BASIN_VOLUME_BACKEND": "gloo"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+        str(SCRIPT),
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_ranks_equal_single_process(tmp_path):
+    out = tmp_path / "sharded.json"
+    proc = torchrun(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = bv.VolumeResult.load(out)
+    fn, center = problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = bv.estimate(fn, center, n_samples=40, seed=7, progress=False)
+    for name in ("estimates", "deltas", "radii", "props", "n_evals", "logabsint"):
+        torch.testing.assert_close(
+            getattr(sharded, name), getattr(single, name), rtol=0, atol=0, msg=name
+        )
+    assert sharded.status == single.status
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_failing_rank_stops_the_job_quickly(tmp_path):
+    started = time.monotonic()
+    proc = torchrun(tmp_path / "never.json", 1, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert "deliberate failure on rank 1" in proc.stderr + proc.stdout
+    assert elapsed < 60
+    assert not (tmp_path / "never.json").exists()
