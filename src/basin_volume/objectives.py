@@ -17,15 +17,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .devices import wide_dtype
 from .parameters import FlatParameters
 
 __all__ = ["ClassifierKL", "kl_from_logprobs"]
 
 
 def kl_from_logprobs(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL(ref || p) from log-probabilities over the last axis, in float64."""
-    ref_logp = ref_logp.double()
-    return (ref_logp.exp() * (ref_logp - logp.double())).sum()
+    """Sum over rows of KL(ref || p) from log-probabilities over the last axis.
+
+    Computed in float64 (float32 on devices without it).
+    """
+    wide = wide_dtype(ref_logp.device)
+    ref_logp = ref_logp.to(wide)
+    return (ref_logp.exp() * (ref_logp - logp.to(wide))).sum()
 
 
 class ClassifierKL:
@@ -72,11 +77,11 @@ class ClassifierKL:
                 f"model must map a batch of inputs to logits [batch, classes]; got shape "
                 f"{tuple(logits.shape)} for a batch of {x.shape[0]}"
             )
-        return torch.log_softmax(logits.double(), dim=-1)
+        return torch.log_softmax(logits.to(wide_dtype(logits.device)), dim=-1)
 
     def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Mean KL at ``theta`` (``None``: the parameters currently in the model)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.params.device)
+        total = torch.zeros((), dtype=wide_dtype(self.params.device), device=self.params.device)
         for ref, x in zip(self.ref_logp, self._batches(), strict=True):
             total += kl_from_logprobs(ref, self._logp(theta, x))
         return total / len(self.inputs)

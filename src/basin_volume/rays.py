@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import directions
+from .devices import wide_dtype
 from .directions import normal_chunks, sample_direction
 from .preconditioners import DiagonalPreconditioner, Preconditioner
 
@@ -83,7 +84,8 @@ class DenseRays:
 
     def start(self, index: int) -> RayStart:
         d = sample_direction(index, self.dim, seed=self.seed, preconditioner=self.pre)
-        self.omega, self.index = d.omega.to(self.center.device), index
+        self.omega = d.omega.to(self.center.device, wide_dtype(self.center.device))
+        self.index = index
         return RayStart(d.prop, float(d.omega @ self.center64))
 
     def value_at(self, t: float) -> float:
@@ -129,12 +131,13 @@ class InPlaceRays:
             if not p.is_contiguous():
                 raise ValueError("memory-light mode needs contiguous parameters")
         self.device = self.params[0].device
+        self.wide = wide_dtype(self.device)
         self.dim = sum(p.numel() for p in self.params)
         with torch.no_grad():
             self.saved = [p.detach().clone() for p in self.params]
         self.center_norm = math.sqrt(
             sum(
-                float(block.double().square().sum())
+                float(block.to(self.wide).square().sum())
                 for s in self.saved
                 for block in s.view(-1).split(directions.CHUNK_SIZE)
             )
@@ -142,7 +145,7 @@ class InPlaceRays:
         if not math.isfinite(self.center_norm):
             raise ValueError("the model's parameters contain NaN or inf: the basin is undefined")
         self.scales = (
-            None if preconditioner is None else preconditioner.scales.to(self.device, torch.float64)
+            None if preconditioner is None else preconditioner.scales.to(self.device, self.wide)
         )
         self.index, self.v_norm = -1, math.nan
         # flat offset of each parameter
@@ -153,7 +156,7 @@ class InPlaceRays:
     def _chunks(self):
         """Yield (start, P z chunk in float64 on the device)."""
         for start, z in normal_chunks(self.seed, self.index, self.dim):
-            z = z.to(self.device, torch.float64)
+            z = z.to(self.device, self.wide)
             if self.scales is not None:
                 z = z * self.scales[start : start + z.numel()]
             yield start, z
@@ -177,10 +180,10 @@ class InPlaceRays:
         for (start, z_chunk), (_, v) in zip(
             normal_chunks(self.seed, index, self.dim), self._chunks(), strict=True
         ):
-            z_sq += float(z_chunk.double().square().sum())
+            z_sq += float(z_chunk.to(self.wide).square().sum())
             v_sq += float(v.square().sum())
             for j, in_p, in_c in self._pieces(start, v.numel()):
-                dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].double())
+                dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].to(self.wide))
         self.v_norm = math.sqrt(v_sq)
         return RayStart(self.v_norm / math.sqrt(z_sq), dot / self.v_norm)
 
