@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-__all__ = ["RayResult", "RayStatus", "find_radius"]
+__all__ = ["RayResult", "RayStatus", "find_radius", "radius_search"]
 
-_MIN_SLOPE, _MAX_SLOPE = 0.1, 20.0
+_MIN_SLOPE, _MAX_SLOPE = 0.1, 20.0  # range of the slope assumed before one is measured
 _MAX_STEP = 1e3  # largest factor by which one step may grow or shrink the radius
 _GROW_BLIND = 10.0  # growth factor when delta carries no scale information (delta <= 0)
 
@@ -70,6 +70,12 @@ def _finite_positive(d: float) -> bool:
     return math.isfinite(d) and d > 0
 
 
+def _power_step(cutoff: float, d: float, k: float) -> float:
+    """(cutoff / d) ** (1 / k), the step of the power-law model, limited to _MAX_STEP."""
+    log_step = math.log(cutoff / d) / k
+    return math.exp(min(max(log_step, -math.log(_MAX_STEP)), math.log(_MAX_STEP)))
+
+
 def _linear_quadratic_root(p1, p2, cutoff: float) -> float:
     """Root of a t + b t^2 = cutoff for the model through (0, 0), p1 and p2; nan if none."""
     (t1, d1), (t2, d2) = p1, p2
@@ -102,6 +108,40 @@ def find_radius(
     delta_at : callable
         ``delta_at(t) -> float``, the excess of the objective at distance ``t`` along the ray.
         Non-finite values are treated as outside the basin.
+    cutoff, guess, rtol, slope, max_radius, max_evals
+        As in :func:`radius_search`.
+
+    Returns
+    -------
+    RayResult
+    """
+    search = radius_search(
+        cutoff, guess=guess, rtol=rtol, slope=slope, max_radius=max_radius, max_evals=max_evals
+    )
+    t = next(search)
+    while True:
+        try:
+            t = search.send(float(delta_at(t)))
+        except StopIteration as stop:
+            return stop.value
+
+
+def radius_search(
+    cutoff: float,
+    *,
+    guess: float,
+    rtol: float = 1e-2,
+    slope: float = 2.0,
+    max_radius: float = math.inf,
+    max_evals: int = 40,
+) -> Generator[float, float, RayResult]:
+    r"""The search of :func:`find_radius` as a generator, for evaluating many rays together.
+
+    It yields each radius to evaluate and is sent back delta there; it returns (through
+    ``StopIteration.value``) the :class:`RayResult`.
+
+    Parameters
+    ----------
     cutoff : float
         :math:`\varepsilon > 0`.
     guess : float
@@ -125,9 +165,10 @@ def find_radius(
     last: tuple[float, float] | None = None  # previous evaluation with finite delta
     measured_slope = math.nan
     same_side, was_inside = 0, False  # consecutive evaluations on one side of the root
+    widths: list[float] = []  # log widths of the bracket since the last bisection
     t = min(max(guess, math.ulp(0.0)), max_radius)
     for n in range(1, max_evals + 1):
-        d = float(delta_at(t))
+        d = float((yield t))
         if math.isfinite(d) and abs(d - cutoff) <= rtol * cutoff:
             return RayResult(t, d, n, RayStatus.CONVERGED, measured_slope)
         inside = math.isfinite(d) and d < cutoff
@@ -148,11 +189,13 @@ def find_radius(
             k = math.log(d / last[1]) / math.log(t / last[0])
             if math.isfinite(k) and k > 0:
                 measured_slope = slope = k
-            factor = (cutoff / d) ** (1.0 / min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
+                factor = _power_step(cutoff, d, k)
+            else:
+                factor = _power_step(cutoff, d, min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
         elif last is not None:  # some delta <= 0: model delta = a t + b t^2 instead
             factor = _linear_quadratic_root(last, (t, d), cutoff) / t
         elif d > 0:
-            factor = (cutoff / d) ** (1.0 / min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
+            factor = _power_step(cutoff, d, min(max(slope, _MIN_SLOPE), _MAX_SLOPE))
         else:
             factor = math.nan
         if not factor > 0:  # no usable model (delta <= 0 so far): grow
@@ -161,10 +204,14 @@ def find_radius(
         t_new = t * min(max(factor, 1.0 / _MAX_STEP), _MAX_STEP)
         if math.isfinite(hi_t) and lo_t > 0:
             # Stay strictly inside the bracket; bisect (in log space) when the model steps
-            # out of it or keeps landing on one side (regula falsi stagnation).
-            if not lo_t < t_new < hi_t or same_side >= 2:
+            # out of it, keeps landing on one side (regula falsi stagnation), or has not
+            # halved the bracket in two steps.
+            widths.append(math.log(hi_t / lo_t))
+            slow = len(widths) >= 3 and widths[-1] > 0.5 * widths[-3]
+            if not lo_t < t_new < hi_t or same_side >= 2 or slow:
                 t_new = math.sqrt(lo_t) * math.sqrt(hi_t)
                 same_side = 0
+                widths.clear()
         t = min(t_new, max_radius)
     if lo_t > 0 and math.isfinite(lo_d):
         best_t, best_d = lo_t, lo_d
