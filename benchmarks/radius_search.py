@@ -68,6 +68,21 @@ def main() -> None:
     ours_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        batched = bv.estimate(
+            fn,
+            center,
+            n_samples=args.n_samples,
+            cutoff=args.cutoff,
+            rtol=args.rtol,
+            seed=0,
+            progress=False,
+            model_batch_size=8,
+        )
+    batched_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     evals, log_r = [], []
     guess = 1e-2 * float(center.norm())
     for k in range(args.n_samples):
@@ -88,6 +103,10 @@ def main() -> None:
         "tyche": {
             "evals_per_direction": ours.n_evals.double().mean().item(),
             "seconds_per_direction": ours_s / args.n_samples,
+        },
+        "tyche_batched_8": {
+            "evals_per_direction": batched.n_evals.double().mean().item(),
+            "seconds_per_direction": batched_s / args.n_samples,
         },
         "doubling_bisection": {
             "evals_per_direction": sum(evals) / len(evals),

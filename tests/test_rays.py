@@ -98,3 +98,45 @@ def test_light_mode_rejects_dense_preconditioner():
 
     with pytest.raises(ValueError, match="diagonal"):
         InPlaceRays(lambda: 0.0, [torch.zeros(3)], seed=0, preconditioner=Dense())
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_batched_directions_equal_sequential(batch):
+    model = make_model()
+    x = torch.randn(32, 10, generator=torch.Generator().manual_seed(4))
+    fn = ClassifierKL(model, x)
+    kw = dict(n_samples=26, cutoff=1e-2, rtol=1e-4, seed=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        seq = bv.estimate(fn, fn.center, **kw)
+        bat = bv.estimate(fn, fn.center, model_batch_size=batch, **kw)
+    assert bat.status == seq.status
+    torch.testing.assert_close(bat.n_evals, seq.n_evals)
+    torch.testing.assert_close(bat.radii, seq.radii, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bat.estimates, seq.estimates, rtol=1e-9, atol=1e-6)
+
+
+def test_unvmappable_fn_falls_back_with_warning():
+    c = torch.linspace(-1, 1, 8, dtype=torch.float64)
+
+    def fn(th):
+        return float(((th - c) ** 2).sum())  # .item()-style: not vmappable
+
+    with pytest.warns(UserWarning, match="vmap"):
+        res = bv.estimate(fn, c, n_samples=20, model_batch_size=4, sigma=1.0, progress=False)
+    assert set(res.status) == {"converged"}
+
+
+def test_batch_fn_with_wrong_shape_is_an_error():
+    c = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    fn = lambda th: ((th - c) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="batch_fn"):
+        bv.estimate(
+            fn,
+            c,
+            n_samples=20,
+            model_batch_size=4,
+            sigma=1.0,
+            progress=False,
+            batch_fn=lambda ths: ths.sum(),
+        )

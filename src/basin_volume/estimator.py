@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import Preconditioner, as_preconditioner
-from .radius import RayStatus, find_radius
-from .rays import DenseRays, InPlaceRays
+from .radius import RayResult, RayStatus, radius_search
+from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult
 
 __all__ = ["Measure", "RadiusSearchWarning", "estimate", "run_rays"]
@@ -138,6 +138,8 @@ def estimate(
     max_radius: float | None = None,
     callback: Callable[[DirectionRecord], None] | None = None,
     resume_from: VolumeResult | None = None,
+    model_batch_size: int = 1,
+    batch_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -182,6 +184,15 @@ def estimate(
         A partial result of the same run (same settings and seed): its directions are kept
         and the run continues with the next index, giving exactly the result an
         uninterrupted run would.
+    model_batch_size : int
+        Directions searched together after the first :data:`WARMUP`: their pending radii are
+        evaluated in one call of ``batch_fn``. Pays off for small models and on GPUs. The
+        per-direction results are those of a sequential run (up to the float rounding of
+        batched arithmetic).
+    batch_fn : callable, optional
+        ``batch_fn(thetas) -> values`` for ``thetas`` of shape ``[B, D]``. Default with
+        ``model_batch_size > 1``: ``torch.func.vmap(fn)``, falling back to one call per
+        point (with a warning) if ``fn`` cannot be vmapped.
 
     Returns
     -------
@@ -209,7 +220,10 @@ def estimate(
     center = _check_center(center)
     _check_seed(seed)
     pre = as_preconditioner(preconditioner, center.numel())
-    rays = DenseRays(fn, center, seed=seed, preconditioner=pre)
+    _check_positive("model_batch_size", model_batch_size, integer=True)
+    if model_batch_size > 1 and batch_fn is None:
+        batch_fn = _vmapped_or_none(fn, center)
+    rays = DenseRays(fn, center, seed=seed, preconditioner=pre, batch_fn=batch_fn)
     return run_rays(
         rays,
         n_samples=n_samples,
@@ -223,12 +237,34 @@ def estimate(
         max_radius=max_radius,
         callback=callback,
         resume_from=resume_from,
+        batch_size=model_batch_size,
         meta={
             "device": str(center.device),
             "dtype": str(center.dtype).removeprefix("torch."),
             "preconditioner": None if pre is None else type(pre).__name__,
         },
     )
+
+
+def _vmapped_or_none(fn: Callable, center: torch.Tensor) -> Callable | None:
+    """``torch.func.vmap(fn)`` if it works on two copies of the centre, else ``None``."""
+    batched = torch.func.vmap(fn)
+    try:
+        with torch.no_grad():
+            out = batched(torch.stack([center, center]))
+        if isinstance(out, torch.Tensor) and out.shape == (2,):
+            return batched
+    except Exception as err:  # noqa: BLE001 - any failure means "cannot vmap this fn"
+        reason = f"{type(err).__name__}: {err}"
+    else:
+        reason = f"it returned {getattr(out, 'shape', type(out))} for 2 points"
+    warnings.warn(
+        f"fn cannot be vmapped ({reason}); directions are evaluated one point at a time. "
+        "Pass batch_fn to evaluate several parameter vectors in one call.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _check_seed(seed) -> None:
@@ -251,6 +287,7 @@ def run_rays(
     callback: Callable[[DirectionRecord], None] | None,
     resume_from: VolumeResult | None,
     meta: dict,
+    batch_size: int = 1,
 ) -> VolumeResult:
     """The estimator proper, for any ray evaluator of :mod:`basin_volume.rays`.
 
@@ -265,6 +302,7 @@ def run_rays(
     _check_positive("cutoff", cutoff)
     _check_positive("rtol", rtol)
     _check_positive("max_evals", max_evals, integer=True)
+    _check_positive("batch_size", batch_size, integer=True)
     _check_seed(seed)
     dim, norm_c = rays.dim, rays.center_norm
     sigma = _resolve_sigma(sigma, norm_c, dim, measure)
@@ -296,13 +334,18 @@ def run_rays(
         problem = _Problem(
             rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
         )
-        for k in todo:
+        warm = [k for k in todo if k < WARMUP]
+        rest = [k for k in todo if k >= WARMUP]
+        groups = [[k] for k in warm] + [
+            rest[i : i + batch_size] for i in range(0, len(rest), batch_size)
+        ]
+        for group in groups:
             state = _search_state(records[:WARMUP], problem.first_guess)
-            record = problem.run_direction(k, *state)
-            records.append(record)
-            if callback is not None:
-                callback(record)
-            bar.update(1)
+            for record in problem.run_group(group, *state):
+                records.append(record)
+                if callback is not None:
+                    callback(record)
+                bar.update(1)
             if progress and rank == 0:
                 ests = torch.tensor([r.estimate for r in records], dtype=torch.float64)
                 bar.set_postfix(
@@ -401,19 +444,35 @@ class _Problem:
             return const + log_radial_integral(radius / self.sigma, self.dim - 1.0, 1.0, beta)
         return self.dim * math.log(radius) - math.log(self.dim) if radius > 0 else -math.inf
 
-    def run_direction(self, k: int, guess: float, slope: float) -> DirectionRecord:
-        ray_start = self.rays.start(k)
-        f0, rays = self.f0, self.rays
-        ray = find_radius(
-            lambda t: rays.value_at(t) - f0,
-            self.cutoff,
-            guess=guess,
-            rtol=self.rtol,
-            slope=slope,
-            max_radius=self.max_radius,
-            max_evals=self.max_evals,
-        )
-        rays.restore()
+    def run_group(self, ks: list[int], guess: float, slope: float) -> list[DirectionRecord]:
+        """Search directions ``ks`` together, evaluating their pending radii in one call."""
+        starts = self.rays.start_many(ks)
+        searches = [
+            radius_search(
+                self.cutoff,
+                guess=guess,
+                rtol=self.rtol,
+                slope=slope,
+                max_radius=self.max_radius,
+                max_evals=self.max_evals,
+            )
+            for _ in ks
+        ]
+        pending = {i: next(search) for i, search in enumerate(searches)}
+        rays_done: dict[int, RayResult] = {}
+        while pending:
+            slots = list(pending)
+            values = self.rays.values_at_many([(i, pending[i]) for i in slots])
+            for i, value in zip(slots, values, strict=True):
+                try:
+                    pending[i] = searches[i].send(value - self.f0)
+                except StopIteration as stop:
+                    rays_done[i] = stop.value
+                    del pending[i]
+        self.rays.restore()
+        return [self._record(k, starts[i], rays_done[i]) for i, k in enumerate(ks)]
+
+    def _record(self, k: int, ray_start: RayStart, ray: RayResult) -> DirectionRecord:
         radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
         lai = self.log_integral(radius, ray_start.dot)
         return DirectionRecord(

@@ -81,7 +81,8 @@ class ClassifierKL:
 
     def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Mean KL at ``theta`` (``None``: the parameters currently in the model)."""
-        total = torch.zeros((), dtype=wide_dtype(self.params.device), device=self.params.device)
-        for ref, x in zip(self.ref_logp, self._batches(), strict=True):
-            total += kl_from_logprobs(ref, self._logp(theta, x))
-        return total / len(self.inputs)
+        parts = [
+            kl_from_logprobs(ref, self._logp(theta, x))
+            for ref, x in zip(self.ref_logp, self._batches(), strict=True)
+        ]
+        return torch.stack(parts).sum() / len(self.inputs)

@@ -61,7 +61,11 @@ def scalar(value, what: str) -> float:
 
 
 class DenseRays:
-    """Rays of ``fn(theta)`` around ``center`` with whole-vector directions."""
+    """Rays of ``fn(theta)`` around ``center`` with whole-vector directions.
+
+    With ``batch_fn`` (``thetas [B, D] -> values [B]``, e.g. a ``torch.func.vmap`` of the
+    objective) the pending radii of several directions are evaluated in one call.
+    """
 
     def __init__(
         self,
@@ -70,8 +74,11 @@ class DenseRays:
         *,
         seed: int,
         preconditioner: Preconditioner | None,
+        batch_fn: Callable | None = None,
     ):
         self.fn, self.center, self.seed, self.pre = fn, center, seed, preconditioner
+        self.batch_fn = batch_fn
+        self.omegas: list[torch.Tensor] = []
         self.dim = center.numel()
         self.center64 = center.to("cpu", torch.float64)
         self.center_norm = float(torch.linalg.vector_norm(self.center64))
@@ -93,8 +100,36 @@ class DenseRays:
             theta = self.center + (t * self.omega).to(self.center.dtype)
             return scalar(self.fn(theta), f"fn at direction {self.index}")
 
+    def start_many(self, indices: Sequence[int]) -> list[RayStart]:
+        starts = []
+        self.omegas, self.indices = [], list(indices)
+        for k in indices:
+            starts.append(self.start(k))
+            self.omegas.append(self.omega)
+        return starts
+
+    def values_at_many(self, pairs: Sequence[tuple[int, float]]) -> list[float]:
+        """Values at ``(slot, t)`` pairs, slots indexing the last :meth:`start_many` call."""
+        if self.batch_fn is None or len(pairs) == 1:
+            out = []
+            for slot, t in pairs:
+                self.omega, self.index = self.omegas[slot], self.indices[slot]
+                out.append(self.value_at(t))
+            return out
+        with torch.no_grad():
+            thetas = torch.stack(
+                [self.center + (t * self.omegas[slot]).to(self.center.dtype) for slot, t in pairs]
+            )
+            values = self.batch_fn(thetas)
+        if not isinstance(values, torch.Tensor) or values.shape != (len(pairs),):
+            raise ValueError(
+                f"batch_fn must return a tensor of shape ({len(pairs)},) for {len(pairs)} "
+                f"parameter vectors, got {getattr(values, 'shape', type(values))}"
+            )
+        return values.detach().to("cpu", torch.float64).tolist()
+
     def restore(self) -> None:
-        self.omega = None
+        self.omega, self.omegas = None, []
 
 
 class InPlaceRays:
@@ -148,6 +183,7 @@ class InPlaceRays:
             None if preconditioner is None else preconditioner.scales.to(self.device, self.wide)
         )
         self.index, self.v_norm = -1, math.nan
+        self.v_norm_of: dict[int, float] = {}
         # flat offset of each parameter
         self.offsets = [0]
         for p in self.params:
@@ -185,6 +221,7 @@ class InPlaceRays:
             for j, in_p, in_c in self._pieces(start, v.numel()):
                 dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].to(self.wide))
         self.v_norm = math.sqrt(v_sq)
+        self.v_norm_of[index] = self.v_norm
         return RayStart(self.v_norm / math.sqrt(z_sq), dot / self.v_norm)
 
     def value_at(self, t: float) -> float:
@@ -195,6 +232,20 @@ class InPlaceRays:
                     target = self.params[j].view(-1)[in_p]
                     target.copy_(self.saved[j].view(-1)[in_p] + step[in_c].to(target.dtype))
             return scalar(self.fn(), f"fn at direction {self.index}")
+
+    def start_many(self, indices: Sequence[int]) -> list[RayStart]:
+        starts = [self.start(k) for k in indices]
+        self.slots = [(k, s_.prop) for k, s_ in zip(indices, starts, strict=True)]
+        self.norms = [self.v_norm_of[k] for k in indices]
+        return starts
+
+    def values_at_many(self, pairs: Sequence[tuple[int, float]]) -> list[float]:
+        """Values at ``(slot, t)`` pairs, one after the other (the model holds one point)."""
+        out = []
+        for slot, t in pairs:
+            self.index, self.v_norm = self.slots[slot][0], self.norms[slot]
+            out.append(self.value_at(t))
+        return out
 
     def restore(self) -> None:
         """Copy the saved centre back into the parameters (exact)."""
