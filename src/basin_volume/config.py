@@ -21,7 +21,7 @@ import torch
 from .estimator import Measure, estimate
 from .objectives import ClassifierKL
 from .parameters import preserved
-from .result import VolumeResult
+from .result import DirectionRecord, VolumeResult
 
 __all__ = ["ModelType", "VolumeConfig", "VolumeEstimator"]
 
@@ -61,7 +61,20 @@ class VolumeConfig:
     n_samples, cutoff, measure, sigma, preconditioner, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
     data_batch_size : int
-        Examples per forward pass.
+        Examples per forward pass (sequences, for causal language models).
+    model_batch_size : int
+        Directions evaluated together. The estimator currently evaluates one direction at a
+        time, so values above 1 are accepted (for configs of the original project) but have no
+        effect yet.
+    model_name : str, optional
+        ``model_type="pythia"``: ``"14m"``, ``"70m"``, ``"160m-deduped"``... for
+        ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory.
+    checkpoint_step : int, optional
+        ``model_type="pythia"``: the training step (hub revision ``step{N}``; default the
+        final checkpoint).
+    cache_budget_bytes : int, optional
+        ``cache_mode="auto"``: the largest cache of the centre's logits kept on the model's
+        accelerator (default: half its free memory); larger caches go to host memory.
     """
 
     model: Any = None
@@ -83,6 +96,10 @@ class VolumeConfig:
     seed: int = 0
     progress: bool = True
     data_batch_size: int = 4096
+    model_batch_size: int = 1
+    model_name: str | None = None
+    checkpoint_step: int | None = None
+    cache_budget_bytes: int | None = None
 
     def __post_init__(self):
         try:
@@ -143,8 +160,21 @@ class VolumeEstimator:
             )
         return builder(config)
 
-    def run(self) -> VolumeResult:
-        """Estimate the basin; the model comes back with its modes and parameters intact."""
+    def run(
+        self,
+        *,
+        callback: Callable[[DirectionRecord], None] | None = None,
+        resume_from: VolumeResult | None = None,
+    ) -> VolumeResult:
+        """Estimate the basin; the model comes back with its modes and parameters intact.
+
+        Parameters
+        ----------
+        callback : callable, optional
+            Called with each finished direction's record (see :func:`basin_volume.estimate`).
+        resume_from : VolumeResult, optional
+            A partial result of the same run to continue exactly.
+        """
         cfg = self.config
         with preserved(self.model):
             result = estimate(
@@ -158,6 +188,8 @@ class VolumeEstimator:
                 rtol=cfg.rtol,
                 seed=cfg.seed,
                 progress=cfg.progress,
+                callback=callback,
+                resume_from=resume_from,
             )
         result.meta["config"] = cfg.describe()
         return result
@@ -197,7 +229,70 @@ def _mlp(config: VolumeConfig) -> VolumeEstimator:
     return _classifier(config.replace(model=model, inputs=inputs))
 
 
+def _causal(config: VolumeConfig) -> VolumeEstimator:
+    from .causal import causal_lm_objective
+
+    if config.model is None:
+        raise ValueError(
+            "model is required for model_type='causal': pass a Hugging Face causal LM, e.g. "
+            "AutoModelForCausalLM.from_pretrained(name), or use model_type='pythia'"
+        )
+    if config.tokenizer is None:
+        raise ValueError(
+            "tokenizer is required for model_type='causal': pass the model's tokenizer, e.g. "
+            "AutoTokenizer.from_pretrained(name)"
+        )
+    if config.dataset is None:
+        raise ValueError(
+            f"dataset is required for model_type={config.model_type.value!r}: pass texts, e.g. "
+            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"
+        )
+    mbs = config.model_batch_size
+    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
+        raise ValueError(f"model_batch_size must be a positive integer, got {mbs!r}")
+    if mbs > 1:
+        warnings.warn(
+            f"model_batch_size={mbs} has no effect yet: directions are evaluated one at a "
+            "time; set model_batch_size=1 to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    fn = causal_lm_objective(
+        config.model,
+        config.tokenizer,
+        config.dataset,
+        text_key=config.text_key,
+        val_size=config.val_size,
+        max_seq_len=config.max_seq_len,
+        chunking=config.chunking,
+        data_batch_size=config.data_batch_size,
+        cache_mode=config.cache_mode,
+        cache_budget_bytes=config.cache_budget_bytes,
+    )
+    return VolumeEstimator(config, fn.model, fn, fn.center)
+
+
+def _pythia(config: VolumeConfig) -> VolumeEstimator:
+    from .causal import load_pythia
+
+    if config.model is not None or config.tokenizer is not None:
+        raise ValueError(
+            "model_type='pythia' loads the model and tokenizer itself from model_name and "
+            "checkpoint_step; leave model and tokenizer unset, or use model_type='causal' "
+            "to pass your own"
+        )
+    if config.dataset is None:  # checked before a download, not after
+        raise ValueError(
+            "dataset is required for model_type='pythia': pass validation texts, e.g. "
+            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"
+        )
+    model, tokenizer = load_pythia(config.model_name, config.checkpoint_step)
+    return _causal(config.replace(model=model, tokenizer=tokenizer))
+
+
 _BUILDERS: dict[ModelType, Callable[[VolumeConfig], VolumeEstimator]] = {
     ModelType.CLASSIFIER: _classifier,
     ModelType.MLP: _mlp,
+    ModelType.CAUSAL: _causal,
+    ModelType.PYTHIA: _pythia,
 }

@@ -51,6 +51,10 @@ class DigitsRun:
         The held-out digits.
     accuracy : float
         Test accuracy.
+    clean_inputs, clean_labels : torch.Tensor
+        The training examples without the poisoned ones (equal to ``train_*`` if none).
+    checkpoints : dict
+        ``{step: state_dict}`` copies of the parameters at the requested steps.
     """
 
     model: nn.Sequential
@@ -60,6 +64,9 @@ class DigitsRun:
     test_inputs: torch.Tensor
     test_labels: torch.Tensor
     accuracy: float
+    clean_inputs: torch.Tensor
+    clean_labels: torch.Tensor
+    checkpoints: dict
 
 
 def train_digits_mlp(
@@ -70,6 +77,8 @@ def train_digits_mlp(
     lr: float = 1e-2,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    n_poison: int = 0,
+    checkpoint_steps: tuple[int, ...] = (),
 ) -> DigitsRun:
     r"""Train the digits MLP with full-batch Adam and an L2 penalty.
 
@@ -89,21 +98,53 @@ def train_digits_mlp(
     lr, weight_decay : float
         Adam's settings.
     seed : int
-        Seeds the split, the initialisation and nothing else.
+        Seeds the split, the initialisation and the poisoned labels.
+    n_poison : int
+        Extra training examples, taken from the held-out digits, given a wrong label drawn at
+        random: the network has to memorise them.
+    checkpoint_steps : tuple of int
+        Steps (0 = the initialisation, ``steps`` = the end) at which to keep a copy of the
+        parameters in ``checkpoints``.
     """
     inputs, labels = load_digits_tensors()
     if not 0 < n_train < len(inputs):
         raise ValueError(f"n_train must be in [1, {len(inputs) - 1}], got {n_train}")
-    perm = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
-    train, test = perm[:n_train], perm[n_train:]
+    if not 0 <= n_poison < len(inputs) - n_train:
+        raise ValueError(f"n_poison must be in [0, {len(inputs) - n_train - 1}], got {n_poison}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(inputs), generator=gen)
+    train, poison, test = (
+        perm[:n_train],
+        perm[n_train : n_train + n_poison],
+        perm[n_train + n_poison :],
+    )
+    wrong = (labels[poison] + torch.randint(1, 10, (n_poison,), generator=gen)) % 10
+    x_train = torch.cat([inputs[train], inputs[poison]])
+    y_train = torch.cat([labels[train], wrong])
     model = make_digits_mlp(hidden, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(steps):
+    checkpoints = {}
+    for step in range(steps + 1):
+        if step in checkpoint_steps:
+            checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step == steps:
+            break
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(inputs[train]), labels[train]).backward()
+        loss_fn(model(x_train), y_train).backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         accuracy = float((model(inputs[test]).argmax(-1) == labels[test]).float().mean())
-    return DigitsRun(model, opt, inputs[train], labels[train], inputs[test], labels[test], accuracy)
+    return DigitsRun(
+        model,
+        opt,
+        x_train,
+        y_train,
+        inputs[test],
+        labels[test],
+        accuracy,
+        inputs[train],
+        labels[train],
+        checkpoints,
+    )

@@ -1,0 +1,707 @@
+r"""The KL basin of a Hugging Face causal language model.
+
+For validation sequences :math:`x^{(1)},\dots,x^{(n)}` with attention masks :math:`m`, the
+objective is the per-token KL divergence of the next-token distributions from the centre's,
+averaged over every non-padding position:
+
+.. math::
+
+    \delta(\theta) = \frac{1}{N}\sum_{s=1}^{n}\sum_{i:\, m^{(s)}_i = 1}
+        \mathrm{KL}\big(p_{\theta_0}(\cdot\mid x^{(s)}_{\le i})\,\big\|\,
+        p_\theta(\cdot\mid x^{(s)}_{\le i})\big),
+    \qquad N = \sum_{s,i} m^{(s)}_i,
+
+in nats, with :math:`\mathrm{KL}(p\|q) = \sum_v p_v(\log p_v - \log q_v)` over the
+vocabulary. Positions are chosen by the attention mask, never by comparing token ids with
+the pad id, so a real token that happens to equal the pad id is counted. Sequences are
+right-padded, so with causal attention the padding never changes a real position's output.
+
+The model is evaluated with :meth:`~basin_volume.parameters.FlatParameters.call`
+(:func:`torch.func.functional_call`): its own parameters are never written.
+
+**Caching the centre.** :math:`\log p_{\theta_0}` is needed at every evaluation. It is either
+recomputed by a second forward pass each time (``cache_mode=None``) or cached once. The cache
+holds the centre's *logits at the non-padding positions only*, in the model's dtype (float32
+for a float32 model, half that for bfloat16/float16 models): exactly the numbers the
+recomputation would produce, so every cache mode gives bit-identical values of
+:math:`\delta` and hence identical estimates for the same seed. (Storing rounded
+log-probabilities or a top-k would be smaller but would change the objective.) Log-softmax
+and the KL are evaluated in float64 (float32 on MPS, which has no float64) in slices of
+positions, so memory beyond the forward pass stays bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import itertools
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .devices import wide_dtype
+from .objectives import kl_from_logprobs
+from .parameters import FlatParameters, preserved
+
+__all__ = [
+    "CacheMode",
+    "CausalLMKL",
+    "causal_lm_objective",
+    "choose_cache_device",
+    "chunk_and_tokenize",
+    "iter_texts",
+    "load_pythia",
+    "pythia_source",
+    "tokenize_texts",
+]
+
+_SLICE_ELEMENTS = 1 << 22  # log-softmax/KL work on at most this many float64 entries at once
+PYTHIA_STEPS = frozenset([0, *(2**k for k in range(10)), *range(1000, 143001, 1000)])
+"""The checkpoints published for every Pythia model (revision ``step{N}``)."""
+
+
+class CacheMode(enum.StrEnum):
+    """Where the centre's outputs are cached (``None`` means: recompute them every time)."""
+
+    CPU = "cpu"
+    """In host memory; moved to the model's device one batch at a time."""
+    GPU = "gpu"
+    """On the model's device (CUDA, MPS, or the CPU for a CPU model)."""
+    AUTO = "auto"
+    """On the model's accelerator if it fits ``cache_budget_bytes`` (default: half its free
+    memory), else in host memory if it fits half the available RAM, else not at all."""
+
+
+def _resolve_cache_mode(cache_mode) -> CacheMode | None:
+    if cache_mode is None:
+        return None
+    try:
+        return CacheMode(cache_mode)
+    except ValueError:
+        raise ValueError(
+            f"cache_mode must be None, 'cpu', 'gpu' or 'auto', got {cache_mode!r}"
+        ) from None
+
+
+def _free_accelerator_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return None
+
+
+def _available_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_cache_device(
+    cache_mode: CacheMode | str | None,
+    nbytes: int,
+    device: torch.device | str,
+    *,
+    budget_bytes: int | None = None,
+    free_device_bytes: int | None = None,
+    free_ram_bytes: int | None = None,
+) -> torch.device | None:
+    """Where a cache of ``nbytes`` goes for a model on ``device`` (``None``: no cache).
+
+    Parameters
+    ----------
+    cache_mode : {None, "cpu", "gpu", "auto"}
+    nbytes : int
+        Size of the cache.
+    device : torch.device
+        The model's device.
+    budget_bytes : int, optional
+        Largest cache ``"auto"`` puts on an accelerator. Default: half of
+        ``free_device_bytes``.
+    free_device_bytes, free_ram_bytes : int, optional
+        Free accelerator memory and available host RAM; queried when not given (an unknown
+        amount of RAM counts as enough).
+    """
+    mode = _resolve_cache_mode(cache_mode)
+    device = torch.device(device)
+    cpu = torch.device("cpu")
+    if mode is None:
+        return None
+    if mode is CacheMode.CPU:
+        return cpu
+    if mode is CacheMode.GPU:
+        return device
+    if device.type != "cpu":
+        if budget_bytes is None:
+            free = (
+                _free_accelerator_bytes(device) if free_device_bytes is None else free_device_bytes
+            )
+            budget_bytes = free // 2 if free is not None else 0
+        if nbytes <= budget_bytes:
+            return device
+    ram = _available_ram_bytes() if free_ram_bytes is None else free_ram_bytes
+    if ram is None or nbytes <= ram // 2:
+        return cpu
+    return None
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def _dataset_len(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def iter_texts(dataset, text_key: str = "text") -> Iterator[str]:
+    """The texts of ``dataset`` in order, reading nothing beyond what is consumed.
+
+    ``dataset`` may be a ``datasets.Dataset`` or ``IterableDataset``, a mapping of columns
+    (``{"text": [...]}``), a sequence of mappings (``[{"text": ...}, ...]``), or a sequence of
+    strings (``text_key`` is then unused).
+    """
+    if dataset is None:
+        raise ValueError(
+            "dataset is required: pass a data set of texts, e.g. "
+            "datasets.Dataset.from_dict({'text': [...]})"
+        )
+    if isinstance(dataset, str | bytes):
+        raise TypeError(
+            "dataset must be a collection of texts, not a single string; "
+            "wrap it in a list: dataset=[text]"
+        )
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, Mapping):  # a DatasetDict
+        raise ValueError(
+            f"dataset is a dict of splits {sorted(columns)}; pass one split, e.g. "
+            f"dataset=dataset[{next(iter(columns))!r}]"
+        )
+    if isinstance(dataset, Mapping):
+        if text_key not in dataset:
+            raise ValueError(
+                f"text_key={text_key!r} is not a column of dataset (columns: "
+                f"{sorted(map(str, dataset))}); pass text_key=<the column holding the text>"
+            )
+        rows: Iterable = dataset[text_key]
+    elif columns is not None:
+        if columns and text_key not in columns:
+            raise ValueError(
+                f"text_key={text_key!r} is not a column of dataset (columns: {columns}); "
+                "pass text_key=<the column holding the text>"
+            )
+        select = getattr(dataset, "select_columns", None)
+        rows = (r[text_key] for r in (select([text_key]) if select else dataset))
+    else:
+        rows = dataset
+    for i, row in enumerate(rows):
+        if isinstance(row, Mapping):
+            if text_key not in row:
+                raise ValueError(
+                    f"text_key={text_key!r} is not a field of dataset row {i} (fields: "
+                    f"{sorted(map(str, row))}); pass text_key=<the field holding the text>"
+                )
+            row = row[text_key]
+        if not isinstance(row, str):
+            raise TypeError(
+                f"dataset row {i} ({text_key!r}) is a {type(row).__name__}, not a string; "
+                "the causal KL needs raw text (pass text_key=<a text column>)"
+            )
+        yield row
+
+
+def _first_texts(dataset, text_key: str, n: int) -> list[str]:
+    """The first ``n`` texts; for a ``datasets.Dataset`` only those rows are read."""
+    select = getattr(dataset, "select", None)
+    size = _dataset_len(dataset)
+    if callable(select) and size is not None and not isinstance(dataset, Mapping):
+        dataset = select(range(min(n, size)))
+    return list(itertools.islice(iter_texts(dataset, text_key), n))
+
+
+def _pad_id(tokenizer, *, warn: bool) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    fill, name = (int(eos), f"the eos token id {eos}") if eos is not None else (0, "token id 0")
+    if warn:
+        warnings.warn(
+            f"tokenizer has no pad token; padding with {name}. Padded positions are excluded "
+            "by the attention mask, so this does not change the result; set "
+            "tokenizer.pad_token (e.g. = tokenizer.eos_token) to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fill
+
+
+def _encode(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(
+            "tokenizer is required for a causal LM: pass the model's tokenizer, e.g. "
+            "tokenizer=AutoTokenizer.from_pretrained(<model name>)"
+        )
+    out = tokenizer(texts, **kwargs)
+    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
+    return [list(map(int, seq)) for seq in ids]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_budget(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(
+            f"cache_budget_bytes must be None or a non-negative int (bytes), got {value!r}"
+        )
+
+
+def tokenize_texts(
+    texts: Sequence[str], tokenizer, *, max_seq_len: int = 2048
+) -> dict[str, torch.Tensor]:
+    """Tokenise ``texts`` (truncated to ``max_seq_len`` tokens) and right-pad them.
+
+    Texts that produce no tokens are dropped. A tokenizer without a pad token pads with its
+    eos token (with a warning); padded positions have ``attention_mask == 0``.
+
+    Returns
+    -------
+    dict
+        ``input_ids`` and ``attention_mask``, int64 tensors of shape ``[n, longest]``.
+    """
+    _check_positive_int("max_seq_len", max_seq_len)
+    seqs = _encode(tokenizer, list(texts), truncation=True, max_length=max_seq_len, padding=False)
+    seqs = [s[:max_seq_len] for s in seqs if s]
+    if not seqs:
+        raise ValueError("dataset texts produced no tokens: pass non-empty texts")
+    longest = max(map(len, seqs))
+    pad = _pad_id(tokenizer, warn=any(len(s) < longest for s in seqs))
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def chunk_and_tokenize(
+    dataset,
+    tokenizer,
+    *,
+    text_key: str = "text",
+    max_seq_len: int = 2048,
+    n_chunks: int | None = None,
+    eos_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Join texts with an end-of-sequence token and cut them into chunks of ``max_seq_len``.
+
+    Each text is tokenised without special tokens and followed by ``eos_token_id`` (default:
+    the tokenizer's), the token stream is cut into consecutive chunks of exactly
+    ``max_seq_len`` tokens, and the incomplete tail is dropped. Texts are read only until
+    ``n_chunks`` chunks are full, so a large data set is not tokenised in full.
+
+    Parameters
+    ----------
+    dataset
+        Texts, in any form :func:`iter_texts` accepts (e.g. a ``datasets.Dataset``).
+    tokenizer
+        A Hugging Face tokenizer.
+    text_key : str
+        The text column.
+    max_seq_len : int
+        Tokens per chunk.
+    n_chunks : int, optional
+        Stop after this many chunks (default: use every text).
+    eos_token_id : int, optional
+        The separator (default: ``tokenizer.eos_token_id``).
+
+    Returns
+    -------
+    dict
+        ``input_ids`` (int64, ``[n, max_seq_len]``) and an all-ones ``attention_mask``.
+    """
+    _check_positive_int("max_seq_len", max_seq_len)
+    if n_chunks is not None:
+        _check_positive_int("n_chunks", n_chunks)
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            raise ValueError(
+                "chunking joins texts with the end-of-sequence token, but the tokenizer has "
+                "no eos_token; set tokenizer.eos_token or pass eos_token_id=<id>"
+            )
+    need = math.inf if n_chunks is None else n_chunks * max_seq_len
+    stream: list[int] = []
+    for text in iter_texts(dataset, text_key):
+        if len(stream) >= need:
+            break
+        (ids,) = _encode(tokenizer, [text], add_special_tokens=False, verbose=False)
+        stream.extend(ids)
+        stream.append(int(eos_token_id))
+    count = len(stream) // max_seq_len
+    if n_chunks is not None:
+        count = min(count, n_chunks)
+    if count == 0:
+        raise ValueError(
+            f"the dataset has only {len(stream)} tokens, fewer than one chunk of "
+            f"max_seq_len={max_seq_len}; lower max_seq_len or use chunking=False"
+        )
+    if n_chunks is not None and count < n_chunks:
+        warnings.warn(
+            f"the dataset gives only {count} full chunks of {max_seq_len} tokens, fewer than "
+            f"the {n_chunks} asked for (val_size); using {count}",
+            UserWarning,
+            stacklevel=2,
+        )
+    ids = torch.tensor(stream[: count * max_seq_len], dtype=torch.long).view(count, max_seq_len)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _unwrap(model) -> nn.Module:
+    inner = getattr(model, "hf_model", None)
+    model = inner if isinstance(inner, nn.Module) else model
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            "model must be a torch.nn.Module (a Hugging Face causal LM, or a wrapper exposing "
+            f"one as .hf_model), got {type(model).__name__}"
+        )
+    return model
+
+
+def _logits_of(out) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, tuple | list) else out
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+        raise ValueError(
+            "model must return logits [batch, positions, vocab] (e.g. a "
+            f"transformers *ForCausalLM); got {type(out).__name__}"
+        )
+    return logits
+
+
+class CausalLMKL:
+    r"""Mean per-token KL of a causal LM's next-token distributions from the centre's.
+
+    ``fn(theta)`` is :math:`\delta(\theta)` of the module docstring: the mean over all
+    positions with ``attention_mask == 1`` of
+    :math:`\mathrm{KL}(p_{\theta_0}(\cdot\mid x_{\le i}) \| p_\theta(\cdot\mid x_{\le i}))`,
+    in nats, float64 (float32 on MPS). The model is always evaluated in eval mode (its modes
+    are restored).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM returning logits ``[batch, positions, vocab]`` (``.logits`` of a
+        transformers output, or a tensor), or a wrapper exposing one as ``.hf_model``.
+    input_ids, attention_mask : torch.Tensor
+        ``[n, length]``; sequences must be right-padded (mask ones then zeros).
+    batch_size : int
+        Sequences per forward pass.
+    cache_mode : {None, "cpu", "gpu", "auto"}
+        Where to cache the centre's logits (see :class:`CacheMode`); every mode gives
+        identical values.
+    cache_budget_bytes : int, optional
+        For ``"auto"``: the largest cache put on an accelerator.
+
+    Attributes
+    ----------
+    center : torch.Tensor
+        The model's parameters, flat (a fresh copy at each access). Without a cache one
+        copy of the centre is kept to recompute its outputs from.
+    n_tokens : int
+        :math:`N`, the number of positions averaged over.
+    cache_device : torch.device or None
+        Where the centre's logits are cached (``None``: recomputed at each call).
+    cache_bytes : int
+        Size of that cache (0 without one).
+    n_forward : int
+        Forward passes run so far (the centre's included).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        batch_size: int = 4096,
+        cache_mode: CacheMode | str | None = CacheMode.AUTO,
+        cache_budget_bytes: int | None = None,
+    ):
+        self.model = _unwrap(model)
+        mode = _resolve_cache_mode(cache_mode)
+        _check_positive_int("data_batch_size", batch_size)
+        _check_budget(cache_budget_bytes)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+            raise TypeError("input_ids and attention_mask must be integer tensors [n, length]")
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be [n, length], got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        if not torch.equal(mask, torch.arange(mask.shape[1]) < lengths[:, None]):
+            raise ValueError(
+                "attention_mask must be right-padded (ones, then zeros) in every row; "
+                "tokenise with padding_side='right' or use tokenize_texts"
+            )
+        keep = lengths > 0
+        if not bool(keep.any()):
+            raise ValueError("attention_mask selects no tokens: there is nothing to evaluate")
+        self.params = FlatParameters(self.model)
+        device = self.params.device
+        # Longest first, so each batch is trimmed to its own longest sequence.
+        order = torch.argsort(lengths[keep], descending=True, stable=True)
+        ids, lengths = input_ids[keep][order], lengths[keep][order]
+        self._batches = []
+        for b_ids, b_len in zip(ids.split(batch_size), lengths.split(batch_size), strict=True):
+            width = int(b_len.max())
+            b_mask = (torch.arange(width) < b_len[:, None]).long()
+            self._batches.append((b_ids[:, :width].to(device), b_mask.to(device)))
+        self.n_tokens = int(lengths.sum())
+        self._kwargs = {}
+        if "use_cache" in inspect.signature(self.model.forward).parameters:
+            self._kwargs["use_cache"] = False
+        self.n_forward = 0
+        self.cache_device: torch.device | None = None
+        self.cache_bytes = 0
+        self._cache: list[torch.Tensor] | None = None
+        # The centre's outputs are always computed the same way (functional_call on a flat
+        # copy of the parameters), so cached and recomputed logits are bit-identical.
+        center = self.params.center()
+        self._saved_center: torch.Tensor | None = center
+        if mode is None:
+            return
+        cache: list[torch.Tensor] = []
+        for i, batch in enumerate(self._batches):
+            rows = self._rows(center, *batch)
+            if i == 0:
+                nbytes = self.n_tokens * rows.shape[-1] * rows.element_size()
+                where = choose_cache_device(mode, nbytes, device, budget_bytes=cache_budget_bytes)
+                if where is None:
+                    warnings.warn(
+                        f"the centre's logits ({nbytes / 2**30:.2f} GiB) fit neither the "
+                        "device budget nor half the free RAM; they will be recomputed at "
+                        "each evaluation (cache_mode=None), which doubles the run time",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                    return  # keeps the saved centre to recompute from
+                self.cache_device, self.cache_bytes = where, nbytes
+            rows = rows.to(self.cache_device)
+            if self.cache_device.type == "cpu" and device.type == "cuda":
+                rows = rows.pin_memory()
+            cache.append(rows)
+        self._cache, self._saved_center = cache, None
+
+    @property
+    def center(self) -> torch.Tensor:
+        """A flat copy of the model's parameters (made on each access)."""
+        return self.params.center()
+
+    def _rows(
+        self, theta: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits at the non-padding positions, ``[tokens, vocab]`` in the model's dtype."""
+        with torch.no_grad(), preserved(self.model):
+            out = self.params.call(theta, input_ids=ids, attention_mask=mask, **self._kwargs)
+        self.n_forward += 1
+        logits = _logits_of(out)
+        if logits.shape[:2] != ids.shape:
+            raise ValueError(
+                f"model returned logits of shape {tuple(logits.shape)} for input_ids of shape "
+                f"{tuple(ids.shape)}; expected [batch, positions, vocab]"
+            )
+        return logits[mask.bool()]
+
+    def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """:math:`\\delta(\\theta)` on the model's device, in float64 (float32 on MPS).
+
+        ``theta=None`` evaluates the parameters currently in the model (for callers that
+        write perturbed parameters in place); the centre's outputs still come from the cache
+        or from the copy of the centre saved at construction.
+        """
+        device = self.params.device
+        wide = wide_dtype(device)
+        total = torch.zeros((), dtype=wide, device=device)
+        for i, batch in enumerate(self._batches):
+            if self._cache is None:
+                ref = self._rows(self._saved_center, *batch)
+            else:
+                ref = self._cache[i].to(device, non_blocking=True)
+            rows = self._rows(theta, *batch)
+            step = max(1, _SLICE_ELEMENTS // rows.shape[-1])
+            for a, b in zip(ref.split(step), rows.split(step), strict=True):
+                total += kl_from_logprobs(
+                    torch.log_softmax(a.to(wide), -1), torch.log_softmax(b.to(wide), -1)
+                )
+        return total / self.n_tokens
+
+
+def causal_lm_objective(
+    model: nn.Module,
+    tokenizer,
+    dataset,
+    *,
+    text_key: str = "text",
+    val_size: int = 10,
+    max_seq_len: int = 2048,
+    chunking: bool = False,
+    data_batch_size: int = 4096,
+    cache_mode: CacheMode | str | None = CacheMode.AUTO,
+    cache_budget_bytes: int | None = None,
+) -> CausalLMKL:
+    """The KL objective of a causal LM on the first ``val_size`` sequences of ``dataset``.
+
+    Without chunking, the first ``val_size`` texts are tokenised (truncated to
+    ``max_seq_len``) and nothing else is read. With ``chunking=True`` texts are joined with
+    the eos token and cut into ``val_size`` chunks of ``max_seq_len`` tokens
+    (:func:`chunk_and_tokenize`). Other arguments are those of :class:`CausalLMKL`; the names
+    match :class:`~basin_volume.VolumeConfig`'s fields.
+    """
+    _check_positive_int("val_size", val_size)
+    _check_positive_int("max_seq_len", max_seq_len)
+    _check_positive_int("data_batch_size", data_batch_size)
+    _resolve_cache_mode(cache_mode)
+    _check_budget(cache_budget_bytes)
+    model = _unwrap(model)
+    if not isinstance(text_key, str):
+        raise TypeError(f"text_key must be a str naming the text column, got {text_key!r}")
+    if not isinstance(chunking, bool):
+        raise TypeError(f"chunking must be True or False, got {chunking!r}")
+    size = _dataset_len(dataset)
+    if dataset is not None and size == 0:
+        raise ValueError("dataset is empty: pass at least one text")
+    if chunking:
+        batch = chunk_and_tokenize(
+            dataset, tokenizer, text_key=text_key, max_seq_len=max_seq_len, n_chunks=val_size
+        )
+    else:
+        texts = _first_texts(dataset, text_key, val_size)
+        if not texts:
+            raise ValueError("dataset is empty: pass at least one text")
+        if len(texts) < val_size:
+            warnings.warn(
+                f"dataset has only {len(texts)} texts, fewer than val_size={val_size}; "
+                "using all of them",
+                UserWarning,
+                stacklevel=2,
+            )
+        batch = tokenize_texts(texts, tokenizer, max_seq_len=max_seq_len)
+    return CausalLMKL(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch_size=data_batch_size,
+        cache_mode=cache_mode,
+        cache_budget_bytes=cache_budget_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- Pythia
+
+
+def pythia_source(model_name: str, checkpoint_step: int | None = None) -> tuple[str, str | None]:
+    """Where :func:`load_pythia` loads from: ``(hub id or directory, revision)``.
+
+    ``"14m"``, ``"pythia-14m"`` and ``"EleutherAI/pythia-14m"`` all name the hub repository
+    ``EleutherAI/pythia-14m`` (likewise ``"160m-deduped"``...); ``checkpoint_step=N`` is the
+    revision ``"stepN"`` (default ``"main"``, the final step 143000). An existing local
+    directory is used as it is, or its sub-directory ``stepN`` when a step is given.
+    """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(
+            f"model_name is required for model_type='pythia', e.g. model_name='14m'; got "
+            f"{model_name!r}"
+        )
+    if checkpoint_step is not None and (
+        isinstance(checkpoint_step, bool) or not isinstance(checkpoint_step, int)
+    ):
+        raise TypeError(f"checkpoint_step must be an int or None, got {checkpoint_step!r}")
+    if os.path.isdir(model_name):
+        if checkpoint_step is None:
+            return model_name, None
+        sub = os.path.join(model_name, f"step{checkpoint_step}")
+        if not os.path.isdir(sub):
+            raise ValueError(
+                f"checkpoint_step={checkpoint_step} but the local directory {model_name!r} has "
+                f"no sub-directory 'step{checkpoint_step}'; pass checkpoint_step=None to load "
+                "the directory itself"
+            )
+        return sub, None
+    repo = (
+        model_name
+        if "/" in model_name
+        else f"EleutherAI/pythia-{model_name.removeprefix('pythia-')}"
+    )
+    if checkpoint_step is None:
+        return repo, "main"
+    if checkpoint_step not in PYTHIA_STEPS:
+        raise ValueError(
+            f"checkpoint_step={checkpoint_step} is not a published Pythia checkpoint; use 0, a "
+            "power of two up to 512, or a multiple of 1000 up to 143000"
+        )
+    return repo, f"step{checkpoint_step}"
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_pythia(
+    model_name: str,
+    checkpoint_step: int | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """Load a Pythia model and its tokenizer with ``from_pretrained``.
+
+    Parameters
+    ----------
+    model_name : str
+        ``"14m"``, ``"70m"``, ``"160m-deduped"``..., a hub id, or a local directory (see
+        :func:`pythia_source`).
+    checkpoint_step : int, optional
+        Training step of the checkpoint (revision ``step{N}``); default the final one.
+    device : torch.device or str, optional
+        Default: CUDA if available, else MPS, else the CPU.
+    dtype : torch.dtype
+        Parameter dtype (the hub stores float16; float32 by default for an accurate KL).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, revision = pythia_source(model_name, checkpoint_step)
+    extra = {} if revision is None else {"revision": revision}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    model.to(_default_device() if device is None else device)
+    model.eval()
+    return model, tokenizer
