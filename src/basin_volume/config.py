@@ -18,12 +18,16 @@ from typing import Any
 
 import torch
 
-from .estimator import Measure, estimate
+from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
 from .parameters import preserved
+from .preconditioners import as_preconditioner
+from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
 
 __all__ = ["ModelType", "VolumeConfig", "VolumeEstimator"]
+
+LOW_MEMORY_THRESHOLD = 20_000_000
 
 
 class ModelType(enum.StrEnum):
@@ -63,15 +67,20 @@ class VolumeConfig:
     data_batch_size : int
         Examples per forward pass (sequences, for causal language models).
     model_batch_size : int
-        Directions evaluated together. The estimator currently evaluates one direction at a
-        time, so values above 1 are accepted (for configs of the original project) but have no
-        effect yet.
+        Directions whose pending radii are evaluated in one vmapped call (see
+        :func:`basin_volume.estimate`); falls back to one at a time, with a warning, for models
+        that ``torch.func.vmap`` cannot batch. Ignored in the memory-light mode.
     model_name : str, optional
         ``model_type="pythia"``: ``"14m"``, ``"70m"``, ``"160m-deduped"``... for
         ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory.
     checkpoint_step : int, optional
         ``model_type="pythia"``: the training step (hub revision ``step{N}``; default the
         final checkpoint).
+    low_memory : bool, optional
+        Evaluate rays by writing θ0 + tω into the model's parameters
+        (restored exactly from one saved copy) and regenerating each direction chunk by chunk,
+        so the run needs one extra copy of the parameters instead of several. Default: on
+        for models of at least 2e7 parameters. See :mod:`basin_volume.rays`.
     cache_budget_bytes : int, optional
         ``cache_mode="auto"``: the largest cache of the centre's logits kept on the model's
         accelerator (default: half its free memory); larger caches go to host memory.
@@ -85,7 +94,7 @@ class VolumeConfig:
     cutoff: float = 1e-2
     max_seq_len: int = 2048
     val_size: int = 10
-    cache_mode: str | None = None
+    cache_mode: str | None = "auto"
     chunking: bool = False
     model_type: ModelType | str = ModelType.CAUSAL
     inputs: torch.Tensor | None = None
@@ -100,6 +109,7 @@ class VolumeConfig:
     model_name: str | None = None
     checkpoint_step: int | None = None
     cache_budget_bytes: int | None = None
+    low_memory: bool | None = None
 
     def __post_init__(self):
         try:
@@ -138,16 +148,24 @@ class VolumeEstimator:
     model : torch.nn.Module
         The network whose modes are protected during the run.
     fn : callable
-        The objective over the flat parameter vector.
-    center : torch.Tensor
-        The trained parameters, flat.
+        The objective over the flat parameter vector (``fn(None)``: at the parameters
+        currently in the model).
+    center : torch.Tensor, optional
+        The trained parameters, flat; default the model's current parameters.
     """
 
-    def __init__(self, config: VolumeConfig, model: torch.nn.Module, fn: Callable, center):
+    def __init__(self, config: VolumeConfig, model: torch.nn.Module, fn: Callable, center=None):
         self.config = config
         self.model = model
         self.fn = fn
-        self.center = center
+        self._center = center
+
+    @property
+    def center(self) -> torch.Tensor:
+        """The trained parameters as one flat vector (a copy)."""
+        if self._center is not None:
+            return self._center
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
     @classmethod
     def from_config(cls, config: VolumeConfig) -> VolumeEstimator:
@@ -159,6 +177,13 @@ class VolumeEstimator:
                 "'classifier' or 'mlp', or call basin_volume.estimate with your own objective"
             )
         return builder(config)
+
+    @property
+    def low_memory(self) -> bool:
+        """Whether the run writes into the model in place (see ``VolumeConfig.low_memory``)."""
+        if self.config.low_memory is not None:
+            return bool(self.config.low_memory)
+        return sum(p.numel() for p in self.model.parameters()) >= LOW_MEMORY_THRESHOLD
 
     def run(
         self,
@@ -177,20 +202,36 @@ class VolumeEstimator:
         """
         cfg = self.config
         with preserved(self.model):
-            result = estimate(
-                self.fn,
-                self.center,
+            settings = dict(
                 n_samples=cfg.n_samples,
                 cutoff=cfg.cutoff,
                 measure=cfg.measure,
                 sigma=cfg.sigma,
-                preconditioner=cfg.preconditioner,
                 rtol=cfg.rtol,
                 seed=cfg.seed,
                 progress=cfg.progress,
                 callback=callback,
                 resume_from=resume_from,
             )
+            if self.low_memory:
+                params = list(self.model.parameters())
+                pre = as_preconditioner(cfg.preconditioner, sum(p.numel() for p in params))
+                rays = InPlaceRays(self.fn, params, seed=cfg.seed, preconditioner=pre)
+                result = run_rays(
+                    rays,
+                    max_evals=40,
+                    max_radius=None,
+                    meta={"device": str(params[0].device), "memory": "light"},
+                    **settings,
+                )
+            else:
+                result = estimate(
+                    self.fn,
+                    self.center,
+                    preconditioner=cfg.preconditioner,
+                    model_batch_size=cfg.model_batch_size,
+                    **settings,
+                )
         result.meta["config"] = cfg.describe()
         return result
 
@@ -215,7 +256,7 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
             UserWarning,
             stacklevel=3,
         )
-    return VolumeEstimator(config, config.model, fn, fn.center)
+    return VolumeEstimator(config, config.model, fn)
 
 
 def _mlp(config: VolumeConfig) -> VolumeEstimator:
@@ -250,13 +291,6 @@ def _causal(config: VolumeConfig) -> VolumeEstimator:
     mbs = config.model_batch_size
     if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
         raise ValueError(f"model_batch_size must be a positive integer, got {mbs!r}")
-    if mbs > 1:
-        warnings.warn(
-            f"model_batch_size={mbs} has no effect yet: directions are evaluated one at a "
-            "time; set model_batch_size=1 to silence this warning",
-            UserWarning,
-            stacklevel=3,
-        )
     fn = causal_lm_objective(
         config.model,
         config.tokenizer,
@@ -269,7 +303,7 @@ def _causal(config: VolumeConfig) -> VolumeEstimator:
         cache_mode=config.cache_mode,
         cache_budget_bytes=config.cache_budget_bytes,
     )
-    return VolumeEstimator(config, fn.model, fn, fn.center)
+    return VolumeEstimator(config, fn.model, fn)
 
 
 def _pythia(config: VolumeConfig) -> VolumeEstimator:
