@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -31,27 +32,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _baseline import doubling_bisection  # noqa: E402
+
 import basin_volume as bv  # noqa: E402
 from basin_volume.causal import causal_lm_objective  # noqa: E402
 from basin_volume.directions import sample_direction  # noqa: E402
 from basin_volume.tiny_lm import load_tiny_lm, tiny_lm_texts  # noqa: E402
-
-
-def doubling_bisection(delta_at, cutoff, rtol, guess, max_evals=200):
-    n, t = 0, guess
-    lo, hi = 0.0, math.inf
-    while n < max_evals:
-        d = delta_at(t)
-        n += 1
-        if abs(d - cutoff) <= rtol * cutoff:
-            return t, n
-        if d < cutoff:
-            lo = t
-            t = 2 * t if hi == math.inf else 0.5 * (lo + hi)
-        else:
-            hi = t
-            t = 0.5 * t if lo == 0 else 0.5 * (lo + hi)
-    return t, n
 
 
 def main() -> None:
@@ -102,7 +89,7 @@ def main() -> None:
             with torch.no_grad():
                 return float(fn(center + t * omega)) - f0
 
-        r, n = doubling_bisection(delta_at, args.cutoff, args.rtol, guess)
+        r, _, n = doubling_bisection(delta_at, args.cutoff, args.rtol, guess)
         evals.append(n)
         log_r.append(math.log(r))
         guess = r

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 import warnings
 
@@ -23,22 +25,8 @@ from basin_volume.digits import train_digits_mlp
 from basin_volume.directions import sample_direction
 from basin_volume.objectives import ClassifierKL
 
-
-def doubling_bisection(delta_at, cutoff, rtol, guess, max_evals=200):
-    n, t = 0, guess
-    lo, hi = 0.0, math.inf
-    while n < max_evals:
-        d = delta_at(t)
-        n += 1
-        if abs(d - cutoff) <= rtol * cutoff:
-            return t, n
-        if d < cutoff:
-            lo = t
-            t = 2 * t if hi == math.inf else 0.5 * (lo + hi)
-        else:
-            hi = t
-            t = 0.5 * t if lo == 0 else 0.5 * (lo + hi)
-    return t, n
+sys.path.insert(0, os.path.dirname(__file__))
+from _baseline import doubling_bisection  # noqa: E402
 
 
 def main() -> None:
@@ -92,7 +80,7 @@ def main() -> None:
             with torch.no_grad():
                 return float(fn(center + t * omega))
 
-        r, n = doubling_bisection(delta_at, args.cutoff, args.rtol, guess)
+        r, _, n = doubling_bisection(delta_at, args.cutoff, args.rtol, guess)
         evals.append(n)
         log_r.append(math.log(r))
         guess = r
