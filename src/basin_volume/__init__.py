@@ -8,10 +8,13 @@ __version__ = "0.1.0"
 
 from .config import ModelType, VolumeConfig, VolumeEstimator
 from .estimator import Measure, RadiusSearchWarning, estimate
+from .plots import compare_results, plot_results, plot_scan
 from .result import LowESSWarning, ResultFileError, VolumeResult
+from .runfile import ResumeError, estimate_to_file, load_result, run_to_file, scan
 
 __all__ = [
     "LowESSWarning",
+    "ResumeError",
     "Measure",
     "ModelType",
     "RadiusSearchWarning",
@@ -19,5 +22,12 @@ __all__ = [
     "VolumeConfig",
     "VolumeEstimator",
     "VolumeResult",
+    "compare_results",
     "estimate",
+    "estimate_to_file",
+    "load_result",
+    "plot_results",
+    "plot_scan",
+    "run_to_file",
+    "scan",
 ]
