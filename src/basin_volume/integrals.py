@@ -35,7 +35,9 @@ __all__ = ["log_ball_volume", "log_radial_integral", "log_sphere_area"]
 
 # exp(-_TAIL) ~ 1e-22: mass beyond the located interval is far below float64 resolution.
 _TAIL = 50.0
-_PANELS = 24
+_PANELS = 40
+_UNIFORM = np.linspace(0.0, 1.0, _PANELS + 1)
+_GRADED = np.concatenate([[0.0], 0.5 ** np.arange(32, 0, -1), np.linspace(0.5, 1.0, 9)[1:]])
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(16)
 _BISECTIONS = 52
 _MAX_DOUBLINGS = 1100  # 2**1100 overflows float64: every bracket is found long before
@@ -89,8 +91,15 @@ def _bisect(f, lo, hi, iters=_BISECTIONS):
     return lo, hi
 
 
-def _log_k(rho: np.ndarray, n: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    r"""log \int_0^rho tau^n exp(-tau^2/2 + beta tau) d tau for 1-D arrays with rho > 0."""
+def _log_j(r: np.ndarray, n: np.ndarray, a: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    r"""log J(r; n, a, beta sqrt(a)) for 1-D arrays with r > 0, via K(rho = r sqrt(a)).
+
+    The n log(.) term is taken in the original units (n log r itself when the integral ends
+    below the peak), so no two terms of size n log(...) ever cancel.
+    """
+    sqrt_a = np.sqrt(a)
+    with np.errstate(over="ignore"):
+        rho = r * sqrt_a
     peak = _peak(n, beta)
     at_peak = rho >= peak
     m = np.where(at_peak, peak, rho)
@@ -118,18 +127,21 @@ def _log_k(rho: np.ndarray, n: np.ndarray, beta: np.ndarray) -> np.ndarray:
     _, x_hi = _bisect(above, np.zeros_like(m), step)
     x_hi = np.where(at_peak, np.minimum(x_hi, x_end), 0.0)
 
-    # Composite Gauss-Legendre on [x_lo, x_hi].
-    width = (x_hi - x_lo) / _PANELS
-    centres = x_lo[:, None] + width[:, None] * (np.arange(_PANELS) + 0.5)[None, :]
-    nodes = centres[:, :, None] + 0.5 * width[:, None, None] * _NODES[None, None, :]
-    vals = np.exp(
-        h_nodes := _log_normalised_integrand(
-            nodes, n[:, None, None], m[:, None, None], s[:, None, None], slope_term[:, None, None]
-        )
+    # Composite Gauss-Legendre on [x_lo, x_hi]: uniform panels, or panels graded
+    # geometrically towards t = 0 when the interval reaches the origin, where t^n with
+    # non-integer n is not smooth.
+    at_origin = (x_lo + m / s) < 1e-3 * (x_hi - x_lo)
+    edges = np.where(at_origin[:, None], _GRADED[None, :], _UNIFORM[None, :])
+    edges = x_lo[:, None] + (x_hi - x_lo)[:, None] * edges
+    half = 0.5 * np.diff(edges, axis=1)
+    centres = 0.5 * (edges[:, 1:] + edges[:, :-1])
+    nodes = centres[:, :, None] + half[:, :, None] * _NODES[None, None, :]
+    log_vals = _log_normalised_integrand(
+        nodes, n[:, None, None], m[:, None, None], s[:, None, None], slope_term[:, None, None]
     )
-    del h_nodes
-    total = 0.5 * width * np.einsum("ipq,q->i", vals, _WEIGHTS)
-    g_m = n * np.log(m) - 0.5 * m * m + beta * m
+    total = np.einsum("ipq,q,ip->i", np.exp(log_vals), _WEIGHTS, half)
+    log_m = np.where(at_peak, np.log(m / sqrt_a), np.log(r))  # log of m in original units
+    g_m = n * log_m - 0.5 * np.log(a) - 0.5 * m * m + beta * m
     with np.errstate(divide="ignore"):
         return g_m + np.log(s) + np.log(total)
 
@@ -182,13 +194,10 @@ def log_radial_integral(r: ArrayLike, n: ArrayLike, a: ArrayLike = 1.0, b: Array
             raise ValueError(
                 f"log_radial_integral: invalid {name}={np.asarray(locals()[name])[bad][0]!r}"
             )
-    sqrt_a = np.sqrt(a)
-    with np.errstate(over="ignore"):
-        rho = r * sqrt_a
-    beta = b / sqrt_a
+    beta = b / np.sqrt(a)
     out = np.full(r.shape, -np.inf)
-    ok = rho > 0
+    ok = r > 0
     if ok.any():
-        out[ok] = _log_k(rho[ok], n[ok], beta[ok]) - 0.5 * (n[ok] + 1.0) * np.log(a[ok])
+        out[ok] = _log_j(r[ok], n[ok], a[ok], beta[ok])
     out = out.reshape(shape)
     return float(out) if out.ndim == 0 else out
