@@ -7,7 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the models here are tiny, and on a loaded 2-core machine two threads make their
+# small matrix products many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
