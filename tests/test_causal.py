@@ -325,6 +325,28 @@ def test_low_memory_mode_matches_dense(model, tokenizer, dataset):
     torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-7, atol=1e-3)
 
 
+def test_fisher_preconditioner_in_the_config_and_in_low_memory_mode(model, tokenizer, dataset):
+    from basin_volume.preconditioners import prior_eps
+
+    common = dict(model=model, tokenizer=tokenizer, dataset=dataset, val_size=2, max_seq_len=32,
+                  n_samples=3, rtol=1e-3, progress=False, preconditioner_type="fisher",
+                  sigma=0.05)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense_est = bv.VolumeEstimator.from_config(bv.VolumeConfig(low_memory=False, **common))
+        dense = dense_est.run()
+        light = bv.VolumeEstimator.from_config(bv.VolumeConfig(low_memory=True, **common)).run()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fn = dense_est.fn
+    eps = prior_eps(1e-2, 0.05, fn.params.dim)
+    ref = 1.0 / (fn.fisher_diagonal(n_samples=1, seed=0).sqrt() + eps)
+    torch.testing.assert_close(dense_est.preconditioner, ref, rtol=0, atol=0)
+    assert set(dense.status) == {"converged"}
+    torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-7, atol=1e-3)
+
+
 def test_objective_rejects_left_padding(model):
     ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])

@@ -538,6 +538,65 @@ def test_dense_fisher_preconditioner_runs_through_estimate():
     assert res.n_samples == 3 and bool(torch.isfinite(res.estimates).all())
 
 
+class TinyCausalLM(nn.Module):
+    """Embeddings, a causal running mean, a tanh layer and a head: logits [B, T, V]."""
+
+    def __init__(self, vocab=5, width=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1)[:, None]
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def tiny_causal_objective():
+    from basin_volume.causal import CausalLMKL
+
+    torch.manual_seed(0)
+    model = TinyCausalLM().double()
+    ids = torch.tensor([[1, 4, 0, 2, 3], [2, 2, 1, 0, 0], [0, 3, 4, 1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    return model, ids, mask, CausalLMKL(model, ids, mask, batch_size=2, cache_mode="cpu")
+
+
+def test_causal_lm_fisher_is_the_hessian_diagonal_of_the_token_kl():
+    model, ids, mask, objective = tiny_causal_objective()
+    params = list(model.parameters())
+    exact = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    for row in range(len(ids)):  # sum over real positions and classes of p_c (d log p_c)^2
+        width = int(mask[row].sum())
+        logp = torch.log_softmax(model(ids[row : row + 1, :width])[0], -1)
+        for i in range(width):
+            for c in range(logp.shape[-1]):
+                g = torch.autograd.grad(logp[i, c], params, retain_graph=True)
+                exact += logp[i, c].exp().item() * torch.cat([t.reshape(-1) for t in g]) ** 2
+    exact /= int(mask.sum())
+    # The exact Fisher is the curvature of the objective itself: 2 delta(e_j h) / h^2.
+    center, h = objective.center, 1e-4
+    for j in (0, 7, 20, len(center) - 1):
+        step = torch.zeros_like(center)
+        step[j] = h
+        assert 2 * float(objective(center + step)) / h**2 == pytest.approx(
+            float(exact[j]), rel=1e-3, abs=1e-9
+        )
+    before = [p.detach().clone() for p in params]
+    sampled = fisher_preconditioner(model, objective, eps=0.0, labels="sampled", n_samples=3000)
+    est = 1.0 / sampled.square()
+    assert float((est - exact).norm() / exact.norm()) < 0.05
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(params, before, strict=True))
+    torch.testing.assert_close(
+        objective.fisher_diagonal(n_samples=50, seed=3),
+        objective.fisher_diagonal(n_samples=50, seed=3),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="sampled"):
+        fisher_diagonal(model, objective, labels="full")
+
+
 # --------------------------------------------------------------------------- resolve
 
 
@@ -574,3 +633,61 @@ def test_resolve_preconditioner():
     m2, opt = trained()
     scales = resolve_preconditioner("adam", model=m2, optimizer=opt, adam_order=1)
     torch.testing.assert_close(scales, reference_adam(m2, opt, "exp_avg", 1e-5, 0.5))
+
+
+# --------------------------------------------------------------------------- VolumeConfig
+
+
+def classifier_config(model, x, **changes):
+    settings = dict(model_type="classifier", model=model, inputs=x, n_samples=4, cutoff=0.05)
+    return bv.VolumeConfig(**{**settings, "progress": False, **changes})
+
+
+@pytest.mark.filterwarnings("ignore::basin_volume.LowESSWarning")
+def test_config_fisher_uses_the_prior_eps_and_equals_the_function_call():
+    model, x = small_classifier()
+    est = bv.VolumeEstimator.from_config(
+        classifier_config(model, x, preconditioner_type="fisher", sigma=0.5)
+    )
+    dim = sum(p.numel() for p in model.parameters())
+    ref_scales = fisher_preconditioner(model, x, eps=prior_eps(0.05, 0.5, dim))
+    torch.testing.assert_close(est.preconditioner, ref_scales, rtol=0, atol=0)
+    got = est.run()
+    fn = est.fn
+    ref = bv.estimate(fn, fn.center, n_samples=4, cutoff=0.05, sigma=0.5,
+                      preconditioner=ref_scales, progress=False)  # fmt: skip
+    torch.testing.assert_close(got.estimates, ref.estimates, rtol=0, atol=0)
+    assert got.meta["config"]["preconditioner_type"] == "fisher"
+
+
+def test_config_adam_takes_the_optimizer_and_its_settings(digits_run):
+    model, opt = digits_run.model, digits_run.optimizer
+    cfg = classifier_config(model, digits_run.train_inputs[:64], preconditioner_type="adam",
+                            optimizer=opt.state_dict(), adam_order=1, preconditioner_eps=1e-3,
+                            preconditioner_exponent=1.0)  # fmt: skip
+    scales = bv.VolumeEstimator.from_config(cfg).preconditioner
+    ref = adam_preconditioner(opt, model=model, order=1, eps=1e-3, exponent=1.0)
+    torch.testing.assert_close(scales, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        bv.VolumeEstimator.from_config(cfg.replace(optimizer=None)).preconditioner  # noqa: B018
+
+
+def test_config_adaptive_runs_rounds_and_validates():
+    model, x = small_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        cfg = classifier_config(model, x, preconditioner_type="adaptive", n_samples=6,
+                                adaptive_rounds=2)  # fmt: skip
+        res = bv.VolumeEstimator.from_config(cfg).run()
+    assert res.n_samples == 6 and len(res.meta["adaptive"]["rounds"]) == 2
+    assert bool(torch.isfinite(res.estimates).all())
+    with pytest.raises(ValueError, match="multiple"):
+        classifier_config(model, x, preconditioner_type="adaptive", n_samples=5)
+    with pytest.raises(ValueError, match="low_memory"):
+        bv.VolumeEstimator.from_config(cfg.replace(low_memory=True)).run()
+    with pytest.raises(ValueError, match="preconditioner_type must be"):
+        classifier_config(model, x, preconditioner_type="hessian")
+    with pytest.raises(ValueError, match="not both"):
+        classifier_config(model, x, preconditioner_type="fisher", preconditioner=torch.ones(44))
+    with pytest.raises(ValueError, match="adaptive_rounds"):
+        classifier_config(model, x, adaptive_rounds=0)

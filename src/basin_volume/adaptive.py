@@ -148,8 +148,9 @@ def resolve_preconditioner(
         ready-made scales / a preconditioner (returned unchanged).
     model : torch.nn.Module, optional
         The network (needed by every kind but a ready-made one).
-    inputs : torch.Tensor, optional
-        The basin's evaluation inputs (``"fisher"``, ``"fisher_dense"``).
+    inputs : torch.Tensor or CausalLMKL, optional
+        The basin's evaluation inputs (``"fisher"``, ``"fisher_dense"``), or a causal-LM
+        objective (``"fisher"``: its sampled-label Fisher over its tokens).
     optimizer : optimizer, state dict, file or checkpoint folder, optional
         Source of Adam's moments (``"adam"``).
     eps : float or "prior", optional
@@ -210,6 +211,11 @@ def resolve_preconditioner(
     if inputs is None:
         raise ValueError(
             f"preconditioner_type={kind.value!r} needs the evaluation inputs; pass inputs="
+        )
+    if kind is PreconditionerType.FISHER_DENSE and not isinstance(inputs, torch.Tensor):
+        raise ValueError(
+            "preconditioner_type='fisher_dense' is for small classifiers (a [D, D] matrix); "
+            "for causal language models use 'fisher'"
         )
     if kind is PreconditionerType.FISHER:
         return fisher_preconditioner(

@@ -555,6 +555,73 @@ class CausalLMKL:
                 )
         return total / self.n_tokens
 
+    def fisher_diagonal(self, *, n_samples: int = 1, seed: int = 0) -> torch.Tensor:
+        r"""Sampled-label estimate of the diagonal of the Hessian of :math:`\delta` at the
+        centre (the Fisher information of the next-token distributions).
+
+        .. math:: H_{jj} = \frac1N \sum_{s,i} \mathbb{E}_{y\sim p_{\theta_0}(\cdot\mid
+            x^{(s)}_{\le i})}\big[(\partial_j \log p_{\theta_0}(y\mid x^{(s)}_{\le i}))^2\big]
+            = \frac1N \sum_s \mathbb{E}\big[(\partial_j \textstyle\sum_i
+            \log p_{\theta_0}(y_i\mid x^{(s)}_{\le i}))^2\big].
+
+        The second form holds because the labels :math:`y_i` are drawn independently at
+        every position (the context is the real text) and each score has mean zero, so the
+        cross terms vanish in expectation. One backward pass per sequence and sample gives
+        an unbiased estimate; the model's parameters, ``.grad`` fields and modes are left
+        as they were.
+
+        Parameters
+        ----------
+        n_samples : int
+            Label draws per sequence; the variance falls like ``1 / n_samples``.
+        seed : int
+            Seeds the labels (drawn on the CPU, so the result is device-independent).
+
+        Returns
+        -------
+        torch.Tensor
+            float64 ``[D]`` on the CPU, in ``parameters_to_vector`` order.
+        """
+        from torch.func import functional_call
+
+        _check_positive_int("n_samples", n_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
+        total = torch.zeros(self.params.dim, dtype=torch.float64)
+        leaves = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
+        with preserved(self.model), torch.enable_grad():
+            for ids, mask in self._batches:
+                for row in range(len(ids)):
+                    width = int(mask[row].sum())
+                    inputs = dict(
+                        input_ids=ids[row : row + 1, :width],
+                        attention_mask=mask[row : row + 1, :width],
+                        **self._kwargs,
+                    )
+                    out = functional_call(self.model, leaves, (), inputs)
+                    logits = _logits_of(out)[0]
+                    wide = torch.promote_types(logits.dtype, torch.float32)
+                    logp = torch.log_softmax(logits.to(wide), -1)  # [width, vocab]
+                    probs = logp.detach().exp().cpu()
+                    labels = torch.multinomial(probs, n_samples, replacement=True, generator=gen)
+                    picked = logp.gather(1, labels.to(logp.device))  # [width, n_samples]
+                    for k in range(n_samples):
+                        grads = torch.autograd.grad(
+                            picked[:, k].sum(),
+                            list(leaves.values()),
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                        flat = torch.cat(
+                            [
+                                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                                for g, p in zip(grads, leaves.values(), strict=True)
+                            ]
+                        )
+                        total += flat.double().square().cpu()
+        return total / (self.n_tokens * n_samples)
+
 
 def causal_lm_objective(
     model: nn.Module,

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -32,7 +31,7 @@ __all__ = ["LoadedModel", "UsageError", "build_parser", "load_model", "load_text
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv")
 MODEL_TYPES = ("auto", "causal", "classifier", "mlp", "pythia")
-PRECONDITIONERS = ("none", "adam", "fisher", "adaptive")
+PRECONDITIONERS = ("none", "adam", "fisher", "fisher_dense", "adaptive")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
@@ -81,6 +80,10 @@ def _nonnegative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+def _eps(text: str) -> float | str:
+    return "prior" if text == "prior" else _nonnegative_float(text)
 
 
 # ---------------------------------------------------------------------------- loading: data
@@ -526,15 +529,15 @@ def load_model(
 
 # ---------------------------------------------------------------------------- preconditioners
 def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
-    """VolumeConfig fields (or estimate() arguments) for ``--preconditioner``.
+    """VolumeConfig fields (or, for a ``module:function`` returning estimate()'s arguments,
+    ready-made scales) for ``--preconditioner``.
 
-    In order of preference: ``VolumeConfig``'s own preconditioner fields when it has them;
-    ``preconditioners.resolve_preconditioner`` when it exists; the scale builders
-    ``adam_preconditioner`` / ``fisher_preconditioner``, whose scales are passed as
-    ``preconditioner``; otherwise a clear error.
+    Adam's state is checked against the model here, so a mismatched ``--optimizer-state`` is
+    a usage error rather than a failure after the data is loaded; the Fisher kinds are
+    computed by :class:`~basin_volume.config.VolumeEstimator` on the run's own inputs.
     """
-    from . import preconditioners
-    from .config import VolumeConfig
+    from .adaptive import resolve_preconditioner
+    from .parameters import preserved
 
     kind = args.preconditioner
     if kind == "none":
@@ -551,49 +554,40 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
             "--preconditioner adam needs the optimizer's state: give the optimizer.pt saved "
             "with the checkpoint (or its folder), or use --preconditioner fisher",
         )
-    options = {
-        "preconditioner_type": kind,
-        "preconditioner_eps": args.preconditioner_eps,
-        "preconditioner_exponent": args.preconditioner_exponent,
+    tuning = {
+        "eps": args.preconditioner_eps,
+        "exponent": args.preconditioner_exponent,
         "adam_order": args.adam_order,
-        "optimizer": optimizer,
-        "optimizer_state": optimizer,
     }
-    names = {f.name for f in dataclasses.fields(VolumeConfig)}
-    if "preconditioner_type" in names and loaded.estimate is None:
-        return {k: v for k, v in options.items() if k in names and v is not None}
-    model, inputs = loaded.config.get("model"), loaded.config.get("inputs")
-    resolve = getattr(preconditioners, "resolve_preconditioner", None)
-    try:
-        if resolve is not None:
-            pool = {"kind": kind, "model": model, "inputs": inputs, **options}
-            params = inspect.signature(resolve).parameters
-            return {"preconditioner": resolve(**{k: v for k, v in pool.items() if k in params})}
-        tuning = {"eps": args.preconditioner_eps, "exponent": args.preconditioner_exponent}
-        if kind == "adam" and model is not None and hasattr(preconditioners, "adam_preconditioner"):
-            scales = preconditioners.adam_preconditioner(
-                optimizer, model=model, order=args.adam_order, **tuning
-            )
-            return {"preconditioner": scales}
-        if (
-            kind == "fisher"
-            and loaded.model_type in ("mlp", "classifier")
-            and hasattr(preconditioners, "fisher_preconditioner")
-        ):
-            from .parameters import preserved
-
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    model = loaded.config.get("model")
+    is_function = loaded.estimate is not None
+    if is_function and kind == "adaptive":
+        raise UsageError(
+            "--preconditioner",
+            "adaptive needs a model, not a module:function returning fn and center; call "
+            "basin_volume.estimate_adaptive from Python instead",
+        )
+    if kind == "adam" or is_function:
+        cutoff = args.cutoff if args.cutoff is not None else _ESTIMATION_DEFAULTS["cutoff"]
+        try:
             with preserved(model):
-                scales = preconditioners.fisher_preconditioner(model, inputs, **tuning)
-            return {"preconditioner": scales}
-    except (TypeError, ValueError, KeyError, OSError) as err:
-        option = "--optimizer-state" if kind == "adam" else "--preconditioner"
-        raise UsageError(option, f"{kind}: {_first_line(err)}") from None
-    raise UsageError(
-        "--preconditioner",
-        f"{kind!r} is not available for this model ({loaded.model_type}) in this version of "
-        "basin_volume; use --preconditioner none"
-        + (" or adam" if kind != "adam" and loaded.optimizer is not None else ""),
-    )
+                scales = resolve_preconditioner(
+                    kind,
+                    model=model,
+                    inputs=loaded.config.get("inputs"),
+                    optimizer=optimizer,
+                    cutoff=cutoff,
+                    sigma=args.sigma,
+                    **tuning,
+                )
+        except (TypeError, ValueError, KeyError, OSError) as err:
+            option = "--optimizer-state" if kind == "adam" else "--preconditioner"
+            raise UsageError(option, f"{kind}: {_first_line(err)}") from None
+        return {"preconditioner": scales}
+    renamed = {"eps": "preconditioner_eps", "exponent": "preconditioner_exponent"}
+    fields = {renamed.get(k, k): v for k, v in tuning.items()}
+    return {"preconditioner_type": kind, **fields}
 
 
 # ---------------------------------------------------------------------------- building runs
@@ -700,7 +694,9 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     try:
         return VolumeConfig(**fields)
     except (TypeError, ValueError) as err:
-        raise UsageError("--model-type", _first_line(err)) from None
+        message = _first_line(err)
+        option = "--preconditioner" if "adaptive" in message else "--model-type"
+        raise UsageError(option, message) from None
 
 
 def _load_data(args):
@@ -1220,14 +1216,17 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         default="none",
         help="draw directions longer along flat parameters and reweight them exactly: none "
         "(isotropic, default), adam (scales 1/(v^exponent + eps) from the optimizer's "
-        "second moments), fisher (from the diagonal Fisher on the data), adaptive (refined "
-        "from the radii seen)",
+        "second moments), fisher (from the diagonal Fisher of the KL basin on the data; no "
+        "optimizer state needed), fisher_dense (the full Fisher's eigenbasis; classifiers "
+        "of at most 20,000 parameters), adaptive (refined over rounds from the radii seen; "
+        "--n-samples must be a multiple of 4)",
     )
     pg.add_argument(
         "--preconditioner-eps",
-        type=_nonnegative_float,
-        default=1e-5,
-        help="eps in 1/(v^exponent + eps) (default 1e-5)",
+        type=_eps,
+        default=None,
+        help="eps in 1/(v^exponent + eps): a number, or 'prior' to bound each direction's "
+        "reach by the prior's scale (default: 1e-5 for adam, 'prior' for fisher)",
     )
     pg.add_argument(
         "--preconditioner-exponent",

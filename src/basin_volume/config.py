@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .adaptive import PreconditionerType, estimate_adaptive, resolve_preconditioner
 from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
 from .parameters import preserved
@@ -47,7 +48,7 @@ class ModelType(enum.StrEnum):
 
 @dataclass(frozen=True)
 class VolumeConfig:
-    """Everything a model-level run needs. Field names follow the original project.
+    r"""Everything a model-level run needs. Field names follow the original project.
 
     Attributes
     ----------
@@ -62,8 +63,32 @@ class VolumeConfig:
     inputs : torch.Tensor, optional
         Classifier inputs for the KL basin (``model_type="classifier"``; for ``"mlp"`` the
         training digits by default).
-    n_samples, cutoff, measure, sigma, preconditioner, rtol, seed, progress
+    n_samples, cutoff, measure, sigma, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
+    preconditioner : tensor or Preconditioner, optional
+        Ready-made proposal scales (or a dense preconditioner), as in
+        :func:`basin_volume.estimate`; with ``preconditioner_type="adaptive"`` the starting
+        proposal.
+    preconditioner_type : str or tensor, optional
+        Where the proposal comes from (:class:`~basin_volume.adaptive.PreconditionerType`):
+        ``None`` (isotropic, or ``preconditioner`` if given), ``"adam"`` (needs
+        ``optimizer``), ``"fisher"`` (diagonal Fisher of the KL basin on the run's own inputs
+        or tokens; no optimizer state needed), ``"fisher_dense"`` (small classifiers),
+        ``"adaptive"`` (refined over ``adaptive_rounds`` rounds,
+        :func:`~basin_volume.adaptive.estimate_adaptive`), or a tensor of scales.
+    preconditioner_eps, preconditioner_exponent : float
+        :math:`\eta` and :math:`\gamma` in :math:`p = 1/(c^\gamma + \eta)` for the Adam and
+        Fisher kinds. ``preconditioner_eps=None``: ``1e-5`` for Adam, and for the Fisher kinds
+        ``"prior"`` (:func:`~basin_volume.preconditioners.prior_eps`, set by ``cutoff`` and
+        ``sigma``), the best setting in ``benchmarks/preconditioners.py``.
+    adam_order : {1, 2}
+        Adam's ``exp_avg`` (1) or ``exp_avg_sq`` (2).
+    optimizer : optimizer, state dict, path, optional
+        Source of Adam's moments: a ``torch.optim.Adam``/``AdamW``, its ``state_dict()``, an
+        ``optimizer.pt`` file or a Hugging Face Trainer checkpoint folder.
+    adaptive_rounds : int
+        ``preconditioner_type="adaptive"``: rounds of ``n_samples / adaptive_rounds``
+        directions each.
     data_batch_size : int
         Examples per forward pass (sequences, for causal language models).
     model_batch_size : int
@@ -100,7 +125,13 @@ class VolumeConfig:
     inputs: torch.Tensor | None = None
     measure: Measure | str = Measure.GAUSSIAN
     sigma: float | None = None
-    preconditioner: torch.Tensor | None = None
+    preconditioner: Any = None
+    preconditioner_type: str | torch.Tensor | None = None
+    preconditioner_eps: float | str | None = None
+    preconditioner_exponent: float = 0.5
+    adam_order: int = 2
+    optimizer: Any = None
+    adaptive_rounds: int = 4
     rtol: float = 1e-2
     seed: int = 0
     progress: bool = True
@@ -119,6 +150,38 @@ class VolumeConfig:
             raise ValueError(
                 f"model_type must be one of {options}, got {self.model_type!r}"
             ) from None
+        kind = self.preconditioner_type
+        if kind is not None and not isinstance(kind, torch.Tensor):
+            try:
+                kind = PreconditionerType(kind)
+            except ValueError:
+                options = ", ".join(repr(k.value) for k in PreconditionerType)
+                raise ValueError(
+                    f"preconditioner_type must be None, one of {options}, or a tensor of "
+                    f"scales; got {kind!r}"
+                ) from None
+            object.__setattr__(self, "preconditioner_type", kind)
+        if self.preconditioner is not None and kind not in (
+            None,
+            PreconditionerType.NONE,
+            PreconditionerType.ADAPTIVE,
+        ):
+            raise ValueError(
+                "pass either preconditioner (ready-made scales) or preconditioner_type, not "
+                "both; with preconditioner_type='adaptive', preconditioner is the starting "
+                "proposal"
+            )
+        rounds = self.adaptive_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"adaptive_rounds must be a positive integer, got {rounds!r}")
+        if kind is PreconditionerType.ADAPTIVE and (
+            not isinstance(self.n_samples, int) or self.n_samples % rounds
+        ):
+            raise ValueError(
+                f"preconditioner_type='adaptive' runs adaptive_rounds={rounds} rounds of equal "
+                f"size, so n_samples={self.n_samples!r} must be a multiple of it; e.g. "
+                f"n_samples={rounds * max(1, -(-int(self.n_samples) // rounds))}"
+            )
 
     def replace(self, **changes) -> VolumeConfig:
         """A copy with some fields changed."""
@@ -154,11 +217,21 @@ class VolumeEstimator:
         The trained parameters, flat; default the model's current parameters.
     """
 
-    def __init__(self, config: VolumeConfig, model: torch.nn.Module, fn: Callable, center=None):
+    def __init__(
+        self,
+        config: VolumeConfig,
+        model: torch.nn.Module,
+        fn: Callable,
+        center=None,
+        *,
+        fisher_inputs=None,
+    ):
         self.config = config
         self.model = model
         self.fn = fn
         self._center = center
+        self._fisher_inputs = fisher_inputs
+        self._preconditioner = None
 
     @property
     def center(self) -> torch.Tensor:
@@ -177,6 +250,29 @@ class VolumeEstimator:
                 "'classifier' or 'mlp', or call basin_volume.estimate with your own objective"
             )
         return builder(config)
+
+    @property
+    def preconditioner(self):
+        """The proposal the run uses: ``config.preconditioner`` or the one
+        ``config.preconditioner_type`` builds (computed once, on first access)."""
+        cfg = self.config
+        if self._preconditioner is None and cfg.preconditioner is not None:
+            self._preconditioner = cfg.preconditioner
+        elif self._preconditioner is None:
+            with preserved(self.model):
+                self._preconditioner = resolve_preconditioner(
+                    cfg.preconditioner_type,
+                    model=self.model,
+                    inputs=self._fisher_inputs,
+                    optimizer=cfg.optimizer,
+                    eps=cfg.preconditioner_eps,
+                    exponent=cfg.preconditioner_exponent,
+                    adam_order=cfg.adam_order,
+                    cutoff=cfg.cutoff,
+                    sigma=cfg.sigma,
+                    seed=cfg.seed,
+                )
+        return self._preconditioner
 
     @property
     def low_memory(self) -> bool:
@@ -201,7 +297,33 @@ class VolumeEstimator:
             A partial result of the same run to continue exactly.
         """
         cfg = self.config
+        adaptive = cfg.preconditioner_type is PreconditionerType.ADAPTIVE
+        if adaptive and (resume_from is not None or self.low_memory):
+            raise ValueError(
+                "preconditioner_type='adaptive' cannot "
+                + ("resume a run" if resume_from is not None else "run in low_memory mode")
+                + "; use preconditioner_type='fisher' or 'adam' (or low_memory=False)"
+            )
+        pre = self.preconditioner
         with preserved(self.model):
+            if adaptive:
+                result = estimate_adaptive(
+                    self.fn,
+                    self.center,
+                    rounds=cfg.adaptive_rounds,
+                    n_per_round=cfg.n_samples // cfg.adaptive_rounds,
+                    seed=cfg.seed,
+                    progress=cfg.progress,
+                    callback=callback,
+                    cutoff=cfg.cutoff,
+                    measure=cfg.measure,
+                    sigma=cfg.sigma,
+                    rtol=cfg.rtol,
+                    preconditioner=pre,
+                    model_batch_size=cfg.model_batch_size,
+                )
+                result.meta["config"] = cfg.describe()
+                return result
             settings = dict(
                 n_samples=cfg.n_samples,
                 cutoff=cfg.cutoff,
@@ -215,8 +337,10 @@ class VolumeEstimator:
             )
             if self.low_memory:
                 params = list(self.model.parameters())
-                pre = as_preconditioner(cfg.preconditioner, sum(p.numel() for p in params))
-                rays = InPlaceRays(self.fn, params, seed=cfg.seed, preconditioner=pre)
+                dim = sum(p.numel() for p in params)
+                rays = InPlaceRays(
+                    self.fn, params, seed=cfg.seed, preconditioner=as_preconditioner(pre, dim)
+                )
                 result = run_rays(
                     rays,
                     max_evals=40,
@@ -228,7 +352,7 @@ class VolumeEstimator:
                 result = estimate(
                     self.fn,
                     self.center,
-                    preconditioner=cfg.preconditioner,
+                    preconditioner=pre,
                     model_batch_size=cfg.model_batch_size,
                     **settings,
                 )
@@ -256,18 +380,19 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
             UserWarning,
             stacklevel=3,
         )
-    return VolumeEstimator(config, config.model, fn)
+    return VolumeEstimator(config, config.model, fn, fisher_inputs=config.inputs)
 
 
 def _mlp(config: VolumeConfig) -> VolumeEstimator:
     from .digits import train_digits_mlp
 
-    model, inputs = config.model, config.inputs
+    model, inputs, optimizer = config.model, config.inputs, config.optimizer
     if model is None or inputs is None:
         run = train_digits_mlp(seed=config.seed)
-        model = run.model if model is None else model
+        if model is None:  # the optimizer that trained it comes along
+            model, optimizer = run.model, run.optimizer if optimizer is None else optimizer
         inputs = run.train_inputs if inputs is None else inputs
-    return _classifier(config.replace(model=model, inputs=inputs))
+    return _classifier(config.replace(model=model, inputs=inputs, optimizer=optimizer))
 
 
 def _causal(config: VolumeConfig) -> VolumeEstimator:
@@ -303,7 +428,7 @@ def _causal(config: VolumeConfig) -> VolumeEstimator:
         cache_mode=config.cache_mode,
         cache_budget_bytes=config.cache_budget_bytes,
     )
-    return VolumeEstimator(config, fn.model, fn)
+    return VolumeEstimator(config, fn.model, fn, fisher_inputs=fn)
 
 
 def _pythia(config: VolumeConfig) -> VolumeEstimator:

@@ -679,8 +679,11 @@ def fisher_diagonal(
     ----------
     model : torch.nn.Module
         Maps a batch of inputs to logits ``[batch, classes]``.
-    inputs : torch.Tensor
-        The evaluation inputs of the basin (first axis indexes examples).
+    inputs : torch.Tensor or CausalLMKL
+        The evaluation inputs of the basin (first axis indexes examples), or a causal-LM
+        objective (:class:`basin_volume.causal.CausalLMKL`), whose sampled-label Fisher over
+        its own tokens is returned (:meth:`~basin_volume.causal.CausalLMKL.fisher_diagonal`;
+        ``model`` and ``batch_size`` are then unused).
     labels : {"auto", "full", "sampled"}
         See :class:`FisherLabels`.
     n_samples : int
@@ -695,6 +698,13 @@ def fisher_diagonal(
     torch.Tensor
         float64 ``[D]`` on the CPU, in ``parameters_to_vector`` order.
     """
+    if hasattr(inputs, "fisher_diagonal"):  # a causal-LM objective holding its own tokens
+        if FisherLabels(labels) is FisherLabels.FULL:
+            raise ValueError(
+                "labels='full' needs one backward pass per vocabulary entry; causal LMs use "
+                "sampled labels: pass labels='auto' or 'sampled' and raise n_samples"
+            )
+        return inputs.fisher_diagonal(n_samples=n_samples, seed=seed)
     total = None
     for rows in _fisher_rows(
         model, inputs, labels=labels, n_samples=n_samples, batch_size=batch_size, seed=seed

@@ -488,7 +488,7 @@ def _estimator_job(est: VolumeEstimator) -> _Job:
         sigma=cfg.sigma,
         rtol=cfg.rtol,
         seed=cfg.seed,
-        preconditioner=cfg.preconditioner,
+        preconditioner=est.preconditioner,  # built from preconditioner_type if need be
     )
     return _Job(
         settings,
