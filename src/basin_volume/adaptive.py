@@ -124,6 +124,18 @@ class PreconditionerType(enum.StrEnum):
     """Start isotropic and refine during the run with :func:`estimate_adaptive`."""
 
 
+def parse_preconditioner_type(kind) -> PreconditionerType:
+    """``kind`` as a :class:`PreconditionerType`, or a ``ValueError`` listing the options."""
+    try:
+        return PreconditionerType(kind)
+    except ValueError:
+        options = ", ".join(repr(k.value) for k in PreconditionerType)
+        raise ValueError(
+            f"preconditioner_type must be None, one of {options}, or a tensor of scales; "
+            f"got {kind!r}"
+        ) from None
+
+
 def resolve_preconditioner(
     kind: PreconditionerType | str | torch.Tensor | Preconditioner | None,
     *,
@@ -177,14 +189,7 @@ def resolve_preconditioner(
     """
     if kind is None or isinstance(kind, torch.Tensor | Preconditioner):
         return kind
-    try:
-        kind = PreconditionerType(kind)
-    except ValueError:
-        options = ", ".join(repr(k.value) for k in PreconditionerType)
-        raise ValueError(
-            f"preconditioner_type must be None, one of {options}, or a tensor of scales; "
-            f"got {kind!r}"
-        ) from None
+    kind = parse_preconditioner_type(kind)
     if kind in (PreconditionerType.NONE, PreconditionerType.ADAPTIVE):
         return None
     if model is None:

@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from .adaptive import PreconditionerType, estimate_adaptive, resolve_preconditioner
+from .adaptive import (
+    PreconditionerType,
+    estimate_adaptive,
+    parse_preconditioner_type,
+    resolve_preconditioner,
+)
 from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
 from .parameters import preserved
@@ -152,14 +157,7 @@ class VolumeConfig:
             ) from None
         kind = self.preconditioner_type
         if kind is not None and not isinstance(kind, torch.Tensor):
-            try:
-                kind = PreconditionerType(kind)
-            except ValueError:
-                options = ", ".join(repr(k.value) for k in PreconditionerType)
-                raise ValueError(
-                    f"preconditioner_type must be None, one of {options}, or a tensor of "
-                    f"scales; got {kind!r}"
-                ) from None
+            kind = parse_preconditioner_type(kind)
             object.__setattr__(self, "preconditioner_type", kind)
         if self.preconditioner is not None and kind not in (
             None,
