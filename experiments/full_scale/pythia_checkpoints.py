@@ -269,15 +269,17 @@ def sampled_causal_fisher(
     return torch.cat([t.reshape(-1) for t in total]).double().cpu() / n_tokens
 
 
-def _library_fisher(model, ids, mask, *, eps, exponent, seed):
-    """The library's fisher_preconditioner on token ids, with the mask if it takes one."""
-    fn = preconditioners.fisher_preconditioner
-    params = inspect.signature(fn).parameters
-    kwargs = {"eps": eps, "exponent": exponent, "seed": seed}
-    if "attention_mask" in params:
-        kwargs["attention_mask"] = mask
-    device = next(model.parameters()).device
-    return fn(model, ids.to(device), **kwargs)
+def _library_fisher(model, ids, mask, *, eps, exponent, draws, batch_size, seed):
+    """The library's sampled-label causal-LM Fisher (``fisher_preconditioner`` given a
+    :class:`~basin_volume.causal.CausalLMKL` objective over the same sequences)."""
+    from basin_volume.causal import CausalLMKL
+
+    if not hasattr(CausalLMKL, "fisher_diagonal"):
+        raise NotImplementedError("this version of basin_volume has no causal-LM Fisher")
+    objective = CausalLMKL(model, ids, mask, batch_size=batch_size, cache_mode=None)
+    return preconditioners.fisher_preconditioner(
+        model, objective, eps=eps, exponent=exponent, n_samples=draws, seed=seed
+    )
 
 
 def fisher_scales(model, ids, mask, *, eps, exponent, impl, draws, batch_size, seed):
@@ -286,7 +288,16 @@ def fisher_scales(model, ids, mask, *, eps, exponent, impl, draws, batch_size, s
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                scales = _library_fisher(model, ids, mask, eps=eps, exponent=exponent, seed=seed)
+                scales = _library_fisher(
+                    model,
+                    ids,
+                    mask,
+                    eps=eps,
+                    exponent=exponent,
+                    draws=draws,
+                    batch_size=batch_size,
+                    seed=seed,
+                )
             return scales, "fisher (library)"
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
             if impl == "library":
@@ -296,7 +307,7 @@ def fisher_scales(model, ids, mask, *, eps, exponent, impl, draws, batch_size, s
                     "use --fisher-impl script or auto"
                 ) from None
             _shared.print0(
-                "  note: the library's fisher_preconditioner does not support causal LMs here "
+                "  note: the library's fisher_preconditioner does not take a causal LM here "
                 f"({_first_line(err)}); using this script's sampled diagonal Fisher"
             )
     diag = sampled_causal_fisher(model, ids, mask, draws=draws, batch_size=batch_size, seed=seed)
