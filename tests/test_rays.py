@@ -62,10 +62,28 @@ def test_light_equals_dense(monkeypatch, chunk, with_pre):
     dense, light = both(model, x, pre)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    torch.testing.assert_close(light.props, dense.props, rtol=1e-12, atol=0)
+    # Light mode keeps the scales in float32: its proposal differs by rounding (~1e-8), so
+    # the radius searches take slightly different paths, each within rtol=1e-6 in delta.
+    rel = 1e-12 if pre is None else 1e-6
+    torch.testing.assert_close(light.props, dense.props, rtol=rel / 10, atol=0)
     torch.testing.assert_close(light.radii, dense.radii, rtol=1e-5, atol=0)
-    torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-9, atol=1e-6)
-    assert light.log_volume == pytest.approx(dense.log_volume, rel=1e-9, abs=1e-6)
+    torch.testing.assert_close(light.estimates, dense.estimates, rtol=rel, atol=1e-6)
+    assert light.log_volume == pytest.approx(dense.log_volume, rel=rel, abs=1e-6)
+
+
+def test_light_mode_weight_is_exact_for_its_rounded_scales():
+    """prop = |P32 z| / |z| / det(P32)^(1/D), with P32 the float32-rounded scales."""
+    model = make_model()
+    params = list(model.parameters())
+    dim = sum(p.numel() for p in params)
+    raw = torch.rand(dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 9 + 1
+    pre = DiagonalPreconditioner(raw)
+    rays = InPlaceRays(lambda: 0.0, params, seed=4, preconditioner=pre)
+    p32 = pre.scales.float().double()
+    assert rays.scales.dtype == torch.float32
+    z = torch.cat([c.double() for _, c in directions.normal_chunks(4, 2, dim)])
+    expected = (p32 * z).norm() / z.norm() * torch.exp(-p32.log().sum() / dim)
+    assert rays.start(2).prop == pytest.approx(float(expected), rel=1e-13)
 
 
 def test_light_mode_restores_model_when_fn_raises():

@@ -9,7 +9,8 @@ Two interchangeable strategies give the same numbers (to float rounding) for the
   chunk by chunk (:func:`basin_volume.directions.normal_chunks`) and writes
   :math:`\theta_0 + t\omega` straight into the model's parameters, which are restored by
   copying from one saved copy of :math:`\theta_0` (never by subtracting). Extra memory: that
-  one copy, one chunk, and a diagonal preconditioner's scales if one is used.
+  one copy, one chunk, and a diagonal preconditioner's scales if one is used (in the
+  parameters' precision, at least float32; the rounding is folded exactly into the weight).
 
 Both accumulate the norms and :math:`\omega\cdot\theta_0` in float64.
 """
@@ -179,9 +180,18 @@ class InPlaceRays:
         )
         if not math.isfinite(self.center_norm):
             raise ValueError("the model's parameters contain NaN or inf: the basin is undefined")
-        self.scales = (
-            None if preconditioner is None else preconditioner.scales.to(self.device, self.wide)
-        )
+        # The scales are kept in the parameters' precision (at least float32): one more copy
+        # of the parameters, not two. Rounding makes det P differ from 1 by a hair; that
+        # log-determinant is measured and folded into ``prop``, so the importance weight is
+        # exact for the proposal actually used.
+        self.scales, self.log_det = None, 0.0
+        if preconditioner is not None:
+            dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+            self.scales = preconditioner.scales.to(self.device, dtype)
+            self.log_det = sum(
+                float(block.to(self.wide).log().sum())
+                for block in self.scales.split(directions.CHUNK_SIZE)
+            )
         self.index, self.v_norm = -1, math.nan
         self.v_norm_of: dict[int, float] = {}
         # flat offset of each parameter
@@ -194,7 +204,7 @@ class InPlaceRays:
         for start, z in normal_chunks(self.seed, self.index, self.dim):
             z = z.to(self.device, self.wide)
             if self.scales is not None:
-                z = z * self.scales[start : start + z.numel()]
+                z = z * self.scales[start : start + z.numel()].to(self.wide)
             yield start, z
 
     def _pieces(self, start: int, size: int):
@@ -222,7 +232,9 @@ class InPlaceRays:
                 dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].to(self.wide))
         self.v_norm = math.sqrt(v_sq)
         self.v_norm_of[index] = self.v_norm
-        return RayStart(self.v_norm / math.sqrt(z_sq), dot / self.v_norm)
+        # weight det(P) (|u| / |Pu|)^D = (prop)^-D with prop = |Pu| / |u| / det(P)^(1/D)
+        prop = self.v_norm / math.sqrt(z_sq) * math.exp(-self.log_det / self.dim)
+        return RayStart(prop, dot / self.v_norm)
 
     def value_at(self, t: float) -> float:
         with torch.no_grad():
