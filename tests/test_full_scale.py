@@ -259,3 +259,24 @@ def test_pythia_adaptive_and_adam_fallback(pythia, checkpoints, tmp_path, capsys
     result = _finite(tmp_path / "adaptive" / "step_0.json", 4)
     assert len(result.meta["adaptive"]["rounds"]) == 2
     assert rows[0]["preconditioner"].startswith("adaptive")
+
+
+def test_convnext_reads_pil_images_from_a_saved_dataset(convnext, tmp_path):
+    """The CIFAR-10 code path: an Image column (PIL, as on the hub) in a save_to_disk folder."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    features = Features({"img": Image(), "label": ClassLabel(num_classes=10)})
+    ds = Dataset.from_dict(
+        {"img": [PILImage.fromarray(p) for p in pixels], "label": [3, 1, 4, 1]}, features=features
+    )
+    DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "cifar"))
+    split = convnext.load_split(str(tmp_path / "cifar"), "test", synthetic_size=0)
+    images, labels = convnext.to_tensors(split, limit=3)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 32, 32)
+    assert torch.equal(images.permute(0, 2, 3, 1), torch.as_tensor(pixels[:3]))
+    assert labels.tolist() == [3, 1, 4]
+    with pytest.raises(SystemExit, match="no split"):
+        convnext.load_split(str(tmp_path / "cifar"), "validation", synthetic_size=0)
