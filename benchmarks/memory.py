@@ -6,6 +6,8 @@ and a one-direction warm-up run has paged in the code, the process's peak reside
 reset (Linux /proc/self/clear_refs) and a short estimate runs. On a GPU the same is measured
 with torch.cuda.max_memory_allocated.
 
+Modes: light, light+pre (light with a diagonal preconditioner), dense.
+
 Run: python benchmarks/memory.py [--n-samples 2] [--device cpu] [--json out.json]
 """
 
@@ -18,6 +20,8 @@ import sys
 import time
 
 from basin_volume.directions import CHUNK_SIZE
+
+MODES = ("light", "light+pre", "dense")
 
 
 def _rss_kib(field: str) -> int:
@@ -37,6 +41,7 @@ def child(mode: str, n_samples: int, device: str) -> dict:
     import basin_volume as bv
     from basin_volume.estimator import run_rays
     from basin_volume.objectives import ClassifierKL
+    from basin_volume.preconditioners import DiagonalPreconditioner
     from basin_volume.rays import DenseRays, InPlaceRays
 
     torch.manual_seed(0)
@@ -73,11 +78,15 @@ def child(mode: str, n_samples: int, device: str) -> dict:
         meta={},
     )
     cuda = device.startswith("cuda")
+    pre = None  # built before the measurement, like the model: it is the user's input
+    if mode.endswith("+pre"):
+        gen = torch.Generator().manual_seed(1)
+        pre = DiagonalPreconditioner(torch.rand(dim, generator=gen, dtype=torch.float64) + 0.5)
 
     def make_rays():
-        if mode == "light":
-            return InPlaceRays(fn, list(model.parameters()), seed=0, preconditioner=None)
-        return DenseRays(fn, fn.center, seed=0, preconditioner=None)
+        if mode.startswith("light"):
+            return InPlaceRays(fn, list(model.parameters()), seed=0, preconditioner=pre)
+        return DenseRays(fn, fn.center, seed=0, preconditioner=pre)
 
     # warm-up: page in the code paths and allocator pools once, so the measurement below is
     # the steady-state cost of a run rather than one-off library loading
@@ -115,13 +124,13 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
-    parser.add_argument("--child", choices=["light", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n_samples, args.device)))
         return
     rows = []
-    for mode in ("light", "dense"):
+    for mode in MODES:
         out = subprocess.run(
             [
                 sys.executable,
@@ -157,7 +166,8 @@ def main() -> None:
     print(
         "light mode holds one saved copy of the parameters; what lies beyond it is the "
         "activations of a forward pass and a few direction chunks of "
-        f"{CHUNK_SIZE:,} entries, independent of D"
+        f"{CHUNK_SIZE:,} entries, independent of D; with a diagonal preconditioner "
+        "(+pre) it also holds the scales in the parameters' precision (one more copy)"
     )
     if args.json:
         with open(args.json, "w") as fh:

@@ -147,3 +147,47 @@ def test_mlp_model_type_trains_and_runs(quiet):
     res = bv.VolumeEstimator.from_config(cfg).run()
     assert res.dim == 64 * 64 + 64 + 64 * 10 + 10
     assert math.isfinite(res.log_volume)
+
+
+def tiny_convnext():
+    from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
+
+    torch.manual_seed(0)
+    config = ConvNextV2Config(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[8, 16],
+                              depths=[1, 1], num_labels=3, image_size=16)  # fmt: skip
+    return ConvNextV2ForImageClassification(config).eval()
+
+
+def test_convnext_model_type_from_a_module_and_from_a_folder(tmp_path):
+    model = tiny_convnext()
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    est = bv.VolumeEstimator.from_config(
+        bv.VolumeConfig(
+            model_type="convnext", model=model, inputs=pixels, n_samples=3, progress=False
+        )  # fmt: skip
+    )
+    # the objective is the mean KL of the logits from transformers' output object
+    theta = est.center + 0.05 * torch.randn(est.center.shape, generator=torch.Generator())
+    ref = torch.log_softmax(model(pixels).logits.double(), -1)
+    names = [n for n, _ in model.named_parameters()]
+    chunks = theta.split([p.numel() for p in model.parameters()])
+    params = {n: c.view(p.shape) for n, c, p in zip(names, chunks, model.parameters(), strict=True)}
+    with torch.no_grad():
+        out = torch.func.functional_call(model, params, (pixels,)).logits
+        moved = torch.log_softmax(out.double(), -1)
+    expected = (ref.exp() * (ref - moved)).sum(-1).mean()
+    with torch.no_grad():
+        assert float(est.fn(theta)) == pytest.approx(float(expected), rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        direct = est.run()
+        model.save_pretrained(tmp_path / "convnext")
+        cfg = bv.VolumeConfig(model_type="convnext", model_name=str(tmp_path / "convnext"),
+                              inputs=pixels, n_samples=3, progress=False)  # fmt: skip
+        loaded = bv.VolumeEstimator.from_config(cfg).run()
+    assert set(direct.status) == {"converged"}
+    torch.testing.assert_close(loaded.estimates, direct.estimates, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="inputs"):
+        bv.VolumeEstimator.from_config(bv.VolumeConfig(model_type="convnext", model=model))
+    with pytest.raises(ValueError, match="model_name"):
+        bv.VolumeEstimator.from_config(bv.VolumeConfig(model_type="convnext", inputs=pixels))

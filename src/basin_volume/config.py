@@ -48,7 +48,9 @@ class ModelType(enum.StrEnum):
     PYTHIA = "pythia"
     """``EleutherAI/pythia-{model_name}`` at ``checkpoint_step`` from the hub."""
     CONVNEXT = "convnext"
-    """A ConvNeXt image classifier."""
+    """An image classifier such as transformers' ``ConvNextV2ForImageClassification``:
+    ``model`` or ``model_name`` (a local folder or hub id, at ``revision``), with
+    ``inputs`` the preprocessed pixel values ``[n, channels, height, width]``."""
 
 
 @dataclass(frozen=True)
@@ -241,13 +243,7 @@ class VolumeEstimator:
     @classmethod
     def from_config(cls, config: VolumeConfig) -> VolumeEstimator:
         """Dispatch on ``config.model_type``."""
-        builder = _BUILDERS.get(config.model_type)
-        if builder is None:
-            raise NotImplementedError(
-                f"model_type={config.model_type.value!r} is not available yet; use "
-                "'classifier' or 'mlp', or call basin_volume.estimate with your own objective"
-            )
-        return builder(config)
+        return _BUILDERS[config.model_type](config)
 
     @property
     def preconditioner(self):
@@ -362,10 +358,12 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
     if not isinstance(config.model, torch.nn.Module):
         raise ValueError(
             "model must be a torch.nn.Module mapping inputs to logits for "
-            f"model_type='classifier', got {type(config.model).__name__}"
+            f"model_type={config.model_type.value!r}, got {type(config.model).__name__}"
         )
     if config.inputs is None:
-        raise ValueError("inputs is required for model_type='classifier': pass inputs=<tensor>")
+        raise ValueError(
+            f"inputs is required for model_type={config.model_type.value!r}: pass inputs=<tensor>"
+        )
     with preserved(config.model):
         fn = ClassifierKL(config.model, config.inputs, batch_size=config.data_batch_size)
     n_classes = fn.ref_logp[0].shape[-1]
@@ -379,6 +377,31 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
             stacklevel=3,
         )
     return VolumeEstimator(config, config.model, fn, fisher_inputs=config.inputs)
+
+
+def _convnext(config: VolumeConfig) -> VolumeEstimator:
+    model = config.model
+    if model is None and config.model_name is None:
+        raise ValueError(
+            "model_type='convnext' needs model= (an image classifier) or model_name= (a local "
+            "folder or hub id, e.g. 'facebook/convnextv2-atto-1k-224')"
+        )
+    if config.inputs is None:
+        raise ValueError(
+            "inputs is required for model_type='convnext': pass the preprocessed pixel values "
+            "[n, channels, height, width] (e.g. from the model's AutoImageProcessor)"
+        )
+    if model is None:
+        try:
+            from transformers import AutoModelForImageClassification
+        except ImportError as err:
+            raise ImportError(
+                "model_name needs transformers: pip install 'basin_volume[hf]'"
+            ) from err
+        model = AutoModelForImageClassification.from_pretrained(config.model_name)
+    elif config.model_name is not None:
+        raise ValueError("pass model or model_name for model_type='convnext', not both")
+    return _classifier(config.replace(model=model))
 
 
 def _mlp(config: VolumeConfig) -> VolumeEstimator:
@@ -452,4 +475,5 @@ _BUILDERS: dict[ModelType, Callable[[VolumeConfig], VolumeEstimator]] = {
     ModelType.MLP: _mlp,
     ModelType.CAUSAL: _causal,
     ModelType.PYTHIA: _pythia,
+    ModelType.CONVNEXT: _convnext,
 }

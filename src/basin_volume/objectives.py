@@ -39,7 +39,8 @@ class ClassifierKL:
     Parameters
     ----------
     model : torch.nn.Module
-        Maps a batch of ``inputs`` to logits ``[batch, classes]``.
+        Maps a batch of ``inputs`` to logits ``[batch, classes]`` (a tensor, or an output
+        with ``.logits`` such as a transformers image classifier's).
     inputs : torch.Tensor
         Evaluation inputs (first axis is the batch), moved to the model's device (and, if
         floating point, cast to the parameters' dtype).
@@ -71,11 +72,16 @@ class ClassifierKL:
         return self.inputs.split(self.batch_size)
 
     def _logp(self, theta: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        logits = self.params.call(theta, x)
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        out = self.params.call(theta, x)
+        logits = getattr(out, "logits", out)  # transformers' classifier outputs carry .logits
+        if (
+            not isinstance(logits, torch.Tensor)
+            or logits.ndim != 2
+            or logits.shape[0] != x.shape[0]
+        ):
             raise ValueError(
                 f"model must map a batch of inputs to logits [batch, classes]; got shape "
-                f"{tuple(logits.shape)} for a batch of {x.shape[0]}"
+                f"{tuple(getattr(logits, 'shape', ()))} for a batch of {x.shape[0]}"
             )
         return torch.log_softmax(logits.to(wide_dtype(logits.device)), dim=-1)
 
