@@ -1,5 +1,6 @@
 """Directions sharded over two gloo ranks under torchrun equal a single-process run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 from sharded_run import problem  # noqa: E402
 
 
-def torchrun(*args, timeout=120):
+def torchrun(*args, timeout=120, target=(str(SCRIPT),)):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BASIN_VOLUME_BACKEND": "gloo"}
     cmd = [
         sys.executable,
@@ -27,7 +28,7 @@ def torchrun(*args, timeout=120):
         "--master_port=0",
         "--rdzv_backend=c10d",
         "--rdzv_endpoint=localhost:0",
-        str(SCRIPT),
+        *target,
         *map(str, args),
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -59,3 +60,31 @@ def test_failing_rank_stops_the_job_quickly(tmp_path):
     assert "deliberate failure on rank 1" in proc.stderr + proc.stdout
     assert elapsed < 60
     assert not (tmp_path / "never.json").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_cli_under_torchrun_writes_once_and_resumes_exactly(tmp_path):
+    """The unchanged command under torchrun: rank 0 alone prints and writes the run log; a
+    sharded run resumed with more directions equals one single-process run."""
+    common = ["estimate", "--model", "digits", "--digits-steps", "60", "--device", "cpu"]
+    out = tmp_path / "sharded.json"
+    target = ("-m", "basin_volume")
+    first = torchrun(*common, "-n", "20", "-o", out, target=target, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("information content") == 1  # rank 1 prints nothing
+    log = (tmp_path / "sharded.records.jsonl").read_text().splitlines()
+    indices = [json.loads(line)["index"] for line in log[1:]]
+    assert indices == list(range(20))  # every direction, once, in order
+    resumed = torchrun(*common, "-n", "36", "-o", out, "--resume", target=target, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    single_out = tmp_path / "single.json"
+    subprocess.run(
+        [sys.executable, "-m", "basin_volume", *common, "-n", "36", "-o", str(single_out), "-q"],
+        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    sharded, single = bv.VolumeResult.load(out), bv.VolumeResult.load(single_out)
+    assert sharded.n_samples == 36
+    for name in ("estimates", "radii", "props", "n_evals"):
+        torch.testing.assert_close(
+            getattr(sharded, name), getattr(single, name), rtol=0, atol=0, msg=name
+        )

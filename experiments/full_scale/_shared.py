@@ -5,11 +5,10 @@ Nothing here is part of the library. The scripts sit beside this file, so
 
 Running under ``torchrun``
 --------------------------
-:func:`basin_volume.run_to_file` writes one run log per results file and refuses to run in
-several processes. Under ``torchrun`` the scripts therefore call the estimator directly
-(directions are sharded over the ranks by the library) and rank 0 saves the final result;
-an interrupted multi-process run restarts that estimate from scratch, while a finished one is
-skipped. Single-process runs are resumable direction by direction.
+:func:`basin_volume.run_to_file` shards the directions over the ranks and rank 0 writes the
+run log and the result, so runs are resumable direction by direction with any number of
+processes. Adaptive runs (a callable source) are saved when done; an interrupted one
+restarts, while a finished one is skipped.
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ def run_estimate(
     ----------
     source : VolumeConfig or callable
         A model-level configuration (run with :func:`basin_volume.run_to_file`, resumable
-        direction by direction, in a single process), or a function returning a finished
+        direction by direction, also under torchrun), or a function returning a finished
         :class:`~basin_volume.VolumeResult` (adaptive runs; saved when done).
     output : path-like
         The results JSON.
@@ -182,14 +181,13 @@ def run_estimate(
         Description of the run kept in the result's ``meta["spec"]``.
     """
     output = Path(output)
-    if isinstance(source, bv.VolumeConfig) and _world_size() <= 1:
+    if isinstance(source, bv.VolumeConfig):
+        if _rank() == 0:
+            output.parent.mkdir(parents=True, exist_ok=True)
         return bv.run_to_file(
             source, output, resume=not overwrite, overwrite=overwrite, spec=dict(spec)
         )
-    if isinstance(source, bv.VolumeConfig):
-        result = bv.VolumeEstimator.from_config(source).run()
-    else:
-        result = source()
+    result = source()
     result.meta["spec"] = _plain(dict(spec))
     if _rank() == 0:
         output.parent.mkdir(parents=True, exist_ok=True)

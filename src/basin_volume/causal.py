@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import wide_dtype
+from .devices import default_device, wide_dtype
 from .objectives import kl_from_logprobs
 from .parameters import FlatParameters, preserved
 
@@ -729,14 +729,6 @@ def pythia_source(model_name: str, checkpoint_step: int | None = None) -> tuple[
     return repo, f"step{checkpoint_step}"
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def load_pythia(
     model_name: str,
     checkpoint_step: int | None = None,
@@ -769,6 +761,6 @@ def load_pythia(
     extra = {} if revision is None else {"revision": revision}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    model.to(_default_device() if device is None else device)
+    model.to(default_device() if device is None else device)
     model.eval()
     return model, tokenizer

@@ -13,9 +13,11 @@ A bad argument ends the command with one line naming the option and the fix, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -283,12 +285,10 @@ class LoadedModel:
 def _device(name: str):
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+    if name == "auto":  # under torchrun, each process its own GPU
+        from .devices import default_device
+
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -1495,8 +1495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("ignore", RadiusSearchWarning)
         previous = warnings.showwarning
         warnings.showwarning = _one_line_warnings
+        output = contextlib.nullcontext()
+        if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports
+            args.quiet, output = True, contextlib.redirect_stdout(io.StringIO())
         try:
-            return args.handler(args)
+            with output:
+                return args.handler(args)
         except UsageError as err:
             args.parser.error(f"argument {err.option}: {err.message}")
         finally:

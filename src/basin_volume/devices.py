@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["wide_dtype"]
+__all__ = ["default_device", "wide_dtype"]
 
 
 def wide_dtype(device: torch.device | str) -> torch.dtype:
@@ -14,3 +16,13 @@ def wide_dtype(device: torch.device | str) -> torch.dtype:
     done where the model lives.
     """
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def default_device() -> torch.device:
+    """Where a model goes when the user names no device: this process's GPU (``cuda`` at
+    torchrun's ``LOCAL_RANK``), else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,10 +1,12 @@
 """Sharding directions over processes with :mod:`torch.distributed` (``torchrun``).
 
-Directions are independent, so rank ``r`` of ``W`` evaluates directions ``k`` with
-``k % W == r``; direction ``k`` uses the same seed whatever ``W`` is. The radius search's first
-guess for direction ``k`` depends only on the first :data:`~basin_volume.estimator.WARMUP`
-directions, which every rank evaluates itself, so each direction's result is the same as in a
-single-process run. At the end the records are gathered to every rank.
+Directions are independent. Every rank evaluates the first
+:data:`~basin_volume.estimator.WARMUP` directions itself (they fix the radius search's first
+guess); the rest go in rounds of ``W * model_batch_size`` directions, rank ``r`` taking every
+``W``-th, and each round's records are shared with every rank (:func:`gather_records`)
+before the next. Direction ``k`` uses the same seed whatever ``W`` is, so each direction's
+result is the same as in a single-process run, and every rank holds every finished
+direction, so rank 0 can write them all to a run log as they come.
 
 Under ``torchrun`` a failing rank makes the launcher stop the others, so a job never hangs on
 a dead peer; when this module creates the process group itself it also sets a finite
@@ -53,7 +55,8 @@ def world() -> tuple[int, int]:
 
 
 def gather_records(records: list) -> list:
-    """All ranks' direction records, merged by index (every rank gets the full list)."""
+    """Every rank's records, merged by index (every rank gets the full list); a collective
+    call, so every rank must make it."""
     _, size = world()
     if size == 1:
         return sorted(records, key=lambda r: r.index)

@@ -319,9 +319,8 @@ def run_rays(
     records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
     init_from_env()
     rank, size = world()
-    todo = [k for k in range(len(records), n_samples) if k < WARMUP or k % size == rank]
     bar = tqdm(
-        total=len(records) + len(todo),
+        total=n_samples,
         initial=len(records),
         disable=not progress or rank != 0,
         desc="directions",
@@ -334,18 +333,23 @@ def run_rays(
         problem = _Problem(
             rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
         )
-        warm = [k for k in todo if k < WARMUP]
-        rest = [k for k in todo if k >= WARMUP]
-        groups = [[k] for k in warm] + [
-            rest[i : i + batch_size] for i in range(0, len(rest), batch_size)
-        ]
-        for group in groups:
+        # Every rank runs the warm-up directions itself (they fix the search state); the rest
+        # go in rounds of size x batch_size directions, rank r taking every size-th one, and
+        # each round's records are shared with every rank before the next round starts.
+        warm = [[k] for k in range(len(records), min(WARMUP, n_samples))]
+        rest = list(range(max(len(records), WARMUP), n_samples))
+        step = size * batch_size
+        rounds = [rest[i : i + step] for i in range(0, len(rest), step)]
+        for group, shared in [(g, False) for g in warm] + [(r[rank::size], True) for r in rounds]:
             state = _search_state(records[:WARMUP], problem.first_guess)
-            for record in problem.run_group(group, *state):
+            new = list(problem.run_group(group, *state))
+            if shared and size > 1:
+                new = gather_records(new)
+            for record in new:
                 records.append(record)
                 if callback is not None:
                     callback(record)
-                bar.update(1)
+            bar.update(len(new))
             if progress and rank == 0:
                 ests = torch.tensor([r.estimate for r in records], dtype=torch.float64)
                 bar.set_postfix(
@@ -355,7 +359,6 @@ def run_rays(
     finally:
         bar.close()
         rays.restore()
-    records = gather_records(records)
 
     result = VolumeResult.from_records(
         records,

@@ -23,6 +23,11 @@ again. Because direction ``k`` depends only on the seed and ``k`` (and the radiu
 starting point only on the directions before it), a resumed run gives exactly the result of an
 uninterrupted one, direction for direction.
 
+Under ``torchrun`` rank 0 alone reads and writes the files: it checks the output, opens or
+resumes the run log and tells the other ranks where to start; every rank then runs its share
+of the directions and rank 0 logs each round's records as they are shared (see
+:mod:`basin_volume.distributed`). The number of processes may change between sessions.
+
 When the run completes, the full :class:`~basin_volume.VolumeResult` is written to
 ``results.json`` as JSON (never pickle), with the configuration, environment and timings in its
 ``meta``; :meth:`VolumeResult.load` reads it back and :func:`load_result` reads either file.
@@ -50,6 +55,7 @@ from typing import Any
 import torch
 
 from .config import VolumeConfig, VolumeEstimator
+from .distributed import init_from_env, world
 from .estimator import Measure, estimate
 from .result import DirectionRecord, ResultFileError, VolumeResult
 
@@ -736,12 +742,90 @@ def run_to_file(
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: pick one")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NotImplementedError(
-            "run_to_file does not support several processes (torchrun) yet: each rank would "
-            "write the same run log; call basin_volume.estimate under torchrun and save the "
-            "result from rank 0"
-        )
+    distributed = init_from_env()
+    rank, _ = world()
+    spec = dict(spec or {})
+    run: _OpenRun | None = None
+    if rank == 0:  # under torchrun rank 0 alone reads and writes files
+        try:
+            paths = _check_output(output, resume=resume, overwrite=overwrite)  # before any work
+            job = _job(source)
+            run = _open_run(job, *paths, resume=resume, spec=spec)
+        except BaseException as err:
+            if distributed:
+                _from_rank0((None, f"{type(err).__name__}: {err}"))
+            raise
+    else:
+        job = _job(source)
+    prev = run.prev if run is not None else None
+    if distributed:
+        prev, failure = _from_rank0((prev, None))
+        if failure is not None:
+            raise RuntimeError(f"rank 0 could not start the run: {failure}")
+    if run is None:  # another rank: records reach rank 0 through the estimator
+        return job.run(lambda record: None, prev)
+
+    started = last = time.perf_counter()
+
+    def on_record(record: DirectionRecord) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        run.writer.write({"type": "direction", **record.to_json(), "seconds": now - last})
+        run.seconds.append(now - last)
+        last = now
+        if callback is not None:
+            callback(record)
+
+    try:
+        result = job.run(on_record, prev)
+    finally:
+        run.writer.close()
+    result.meta.update(
+        {
+            "settings": _jsonable(job.settings),
+            "data": _jsonable(run.data),
+            "config": _jsonable(job.config),
+            "spec": _jsonable(spec),
+            "environment": run.environment,
+            "created": run.created,
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "timings": {
+                **_timings(run.seconds, run.sessions),
+                "this_session_seconds": time.perf_counter() - started,
+            },
+            "run_log": os.fspath(run.log_path),
+        }
+    )
+    result.save(run.output)
+    return result
+
+
+def _from_rank0(obj: Any) -> Any:
+    """``obj`` as rank 0 has it, on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclasses.dataclass
+class _OpenRun:
+    """A run log opened for appending, with what an earlier session left."""
+
+    output: Path
+    log_path: Path
+    writer: _Appender
+    prev: VolumeResult | None
+    data: Any
+    seconds: list[float]
+    sessions: int
+    created: str
+    environment: dict
+
+
+def _check_output(output, *, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+    """The results file and its run log, checked writable and not clobbered by accident."""
     output = check_writable(output)
     log_path = records_path(output)
     if output == log_path:
@@ -753,8 +837,11 @@ def run_to_file(
                     f"{existing} exists; pass resume=True to continue that run or "
                     "overwrite=True to replace it"
                 )
-    spec = dict(spec or {})
-    job = _job(source)
+    return output, log_path
+
+
+def _open_run(job: _Job, output: Path, log_path: Path, *, resume: bool, spec: dict) -> _OpenRun:
+    """Create the run log, or reopen it (or rebuild it from ``output``) for a resume."""
     data = job.data()
     header = {
         "format": FORMAT,
@@ -802,40 +889,17 @@ def run_to_file(
         if output.exists():
             output.unlink()
         writer = _Appender.create(log_path, header)
-
-    started = last = time.perf_counter()
-
-    def on_record(record: DirectionRecord) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        writer.write({"type": "direction", **record.to_json(), "seconds": now - last})
-        seconds.append(now - last)
-        last = now
-        if callback is not None:
-            callback(record)
-
-    try:
-        result = job.run(on_record, prev)
-    finally:
-        writer.close()
-    result.meta.update(
-        {
-            "settings": _jsonable(job.settings),
-            "data": _jsonable(data),
-            "config": _jsonable(job.config),
-            "spec": _jsonable(spec),
-            "environment": header["environment"],
-            "created": first["created"],
-            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "timings": {
-                **_timings(seconds, sessions),
-                "this_session_seconds": time.perf_counter() - started,
-            },
-            "run_log": os.fspath(log_path),
-        }
+    return _OpenRun(
+        output=output,
+        log_path=log_path,
+        writer=writer,
+        prev=prev,
+        data=data,
+        seconds=seconds,
+        sessions=sessions,
+        created=first["created"],
+        environment=header["environment"],
     )
-    result.save(output)
-    return result
 
 
 def estimate_to_file(
