@@ -19,9 +19,8 @@ Preconditioners (``--preconditioner``)
     optimizer state falls back to ``fisher``, with a message.
 ``fisher``
     Scales from the diagonal Fisher of the next-token distribution on the validation
-    sequences. The library's :func:`~basin_volume.preconditioners.fisher_preconditioner` is
-    used when it accepts a causal LM (``--fisher-impl auto``); otherwise this script's own
-    sampled estimate (:func:`sampled_causal_fisher`), with a message saying so.
+    sequences (:func:`~basin_volume.preconditioners.fisher_preconditioner` given the
+    causal-LM objective: sampled next tokens, ``--fisher-draws`` per sequence).
 ``adaptive``
     :func:`basin_volume.adaptive.estimate_adaptive`: ``--adaptive-rounds`` rounds, starting
     from ``--adaptive-start`` and refitting one scale per parameter tensor between rounds.
@@ -51,7 +50,6 @@ A local stand-in (a folder with sub-folders ``step0``, ``step10`` ... written by
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import math
 import sys
@@ -165,13 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precond-exponent", type=float, default=0.5, help="gamma (0.5)")
     g.add_argument("--adam-order", type=int, choices=(1, 2), default=2)
     g.add_argument(
-        "--fisher-impl",
-        choices=("auto", "library", "script"),
-        default="auto",
-        help="auto: the library's fisher_preconditioner if it supports causal LMs, else this "
-        "script's sampled estimate",
-    )
-    g.add_argument(
         "--fisher-size",
         type=int,
         default=None,
@@ -181,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fisher-draws",
         type=int,
         default=4,
-        help="sampled next tokens per position for the script's Fisher (default 4)",
+        help="sampled next-token draws per sequence for the Fisher (default 4)",
     )
     g.add_argument("--adaptive-rounds", type=int, default=4)
     g.add_argument(
@@ -221,108 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- Fisher
-def sampled_causal_fisher(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    draws: int = 4,
-    batch_size: int = 1,
-    seed: int = 0,
-) -> torch.Tensor:
-    r"""Unbiased Monte Carlo estimate of the diagonal Fisher of a causal LM's next tokens.
-
-    The Hessian at the centre of the KL basin (mean per-token KL over the :math:`N`
-    non-padding positions :math:`i`) is the mean Fisher
-    :math:`\bar F = \frac1N\sum_i \mathbb{E}_{y\sim p_{\theta_0}(\cdot\mid x_{\le i})}
-    [s_i(y) s_i(y)^\top]` with :math:`s_i(y) = \nabla_\theta\log p_\theta(y\mid x_{\le i})`.
-    Draw one token :math:`y_i` independently at every position (teacher-forced on the real
-    text) and let :math:`g = \sum_i s_i(y_i)` (one backward pass for a whole batch). The
-    :math:`s_i(y_i)` are independent with mean zero, so the cross terms vanish in
-    expectation and :math:`\mathbb{E}[g_j^2] = \sum_i \mathbb{E}[s_{ij}^2]`: the average of
-    :math:`g^2/N` over ``draws`` is an unbiased estimate of :math:`\mathrm{diag}\,\bar F`
-    (noisier than per-token gradients, at the cost of one backward pass per batch and draw).
-
-    Returns
-    -------
-    torch.Tensor
-        float64 ``[D]`` on the CPU, in ``model.parameters()`` order.
-    """
-    params = list(model.parameters())
-    if not all(p.requires_grad for p in params):
-        raise ValueError("every parameter must require grad to compute the Fisher")
-    device = params[0].device
-    gen = torch.Generator().manual_seed(seed)
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    n_tokens = int(attention_mask.sum())
-    takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    kwargs = {"use_cache": False} if takes_cache else {}
-    with preserved(model):  # eval mode: no dropout
-        for ids, mask in zip(
-            input_ids.split(batch_size), attention_mask.split(batch_size), strict=True
-        ):
-            ids, mask = ids.to(device), mask.to(device)
-            for _ in range(draws):
-                logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                probs = logp.detach().exp().reshape(-1, logp.shape[-1]).double().cpu()
-                y = torch.multinomial(probs, 1, generator=gen).view(*ids.shape, 1).to(device)
-                loss = (logp.gather(-1, y).squeeze(-1) * mask).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for acc, g in zip(total, grads, strict=True):
-                    if g is not None:
-                        acc += g.float().square() / draws
-    return torch.cat([t.reshape(-1) for t in total]).double().cpu() / n_tokens
-
-
-def _library_fisher(model, ids, mask, *, eps, exponent, draws, batch_size, seed):
-    """The library's sampled-label causal-LM Fisher (``fisher_preconditioner`` given a
-    :class:`~basin_volume.causal.CausalLMKL` objective over the same sequences)."""
+def fisher_scales(model, ids, mask, *, eps, exponent, draws, batch_size, seed):
+    """``(scales, how)``: 1/(F^gamma + eps) with F the sampled causal-LM diagonal Fisher."""
     from basin_volume.causal import CausalLMKL
 
-    if not hasattr(CausalLMKL, "fisher_diagonal"):
-        raise NotImplementedError("this version of basin_volume has no causal-LM Fisher")
     objective = CausalLMKL(model, ids, mask, batch_size=batch_size, cache_mode=None)
-    return preconditioners.fisher_preconditioner(
+    scales = preconditioners.fisher_preconditioner(
         model, objective, eps=eps, exponent=exponent, n_samples=draws, seed=seed
     )
-
-
-def fisher_scales(model, ids, mask, *, eps, exponent, impl, draws, batch_size, seed):
-    """``(scales, how)``: 1/(F^gamma + eps) with F the causal diagonal Fisher."""
-    if impl in ("auto", "library"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                scales = _library_fisher(
-                    model,
-                    ids,
-                    mask,
-                    eps=eps,
-                    exponent=exponent,
-                    draws=draws,
-                    batch_size=batch_size,
-                    seed=seed,
-                )
-            return scales, "fisher (library)"
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-            if impl == "library":
-                raise SystemExit(
-                    "--fisher-impl library: basin_volume.preconditioners.fisher_preconditioner "
-                    f"does not support this causal LM in this version ({_first_line(err)}); "
-                    "use --fisher-impl script or auto"
-                ) from None
-            _shared.print0(
-                "  note: the library's fisher_preconditioner does not take a causal LM here "
-                f"({_first_line(err)}); using this script's sampled diagonal Fisher"
-            )
-    diag = sampled_causal_fisher(model, ids, mask, draws=draws, batch_size=batch_size, seed=seed)
-    return 1.0 / (diag.clamp(min=0).pow(exponent) + eps), "fisher (script, sampled)"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    return scales, "fisher"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -402,7 +300,6 @@ def build_scales(args, kind: str, step: int, model, tokenizer, dataset):
         batch["attention_mask"],
         eps=eps,
         exponent=exponent,
-        impl=args.fisher_impl,
         draws=args.fisher_draws,
         batch_size=args.data_batch_size,
         seed=args.seed,
