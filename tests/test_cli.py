@@ -214,9 +214,12 @@ def test_tiny_lm_end_to_end(tiny_lm, tmp_path, capsys):
         ("scan {digits} -o {tmp}/scan", "--cutoffs"),
         ("plot {tmp}/missing.json", "RESULTS"),
         ("compare {tmp}/exists.json --reference 3", "--reference"),
+        ("estimate --model {tmp}/models.py:ball --preconditioner fisher -q", "--preconditioner"),
+        ("estimate --model {tmp}/models.py:ball --preconditioner adaptive -q", "--preconditioner"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_option(command, option, tmp_path, capsys):
+    (tmp_path / "models.py").write_text(MODELS_PY)
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "wrong_field.jsonl").write_text('{"body": "some text"}\n')
     (tmp_path / "exists.json").write_text("{}")

@@ -15,7 +15,7 @@ import basin_volume as bv
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_run.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from sharded_run import problem  # noqa: E402
+from sharded_run import classifier_config, problem  # noqa: E402
 
 
 def torchrun(*args, timeout=120, target=(str(SCRIPT),)):
@@ -84,6 +84,24 @@ def test_cli_under_torchrun_writes_once_and_resumes_exactly(tmp_path):
     )  # fmt: skip
     sharded, single = bv.VolumeResult.load(out), bv.VolumeResult.load(single_out)
     assert sharded.n_samples == 36
+    for name in ("estimates", "radii", "props", "n_evals"):
+        torch.testing.assert_close(
+            getattr(sharded, name), getattr(single, name), rtol=0, atol=0, msg=name
+        )
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_fisher_preconditioned_batched_config_run_equals_single_process(tmp_path):
+    """Rank 0 builds the Fisher scales and shares their bits; rounds of 2 ranks x 3 batched
+    directions give every direction exactly as one process does."""
+    out = tmp_path / "config.json"
+    proc = torchrun("config", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = bv.VolumeResult.load(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = bv.VolumeEstimator.from_config(classifier_config()).run()
+    assert sharded.n_samples == 24
     for name in ("estimates", "radii", "props", "n_evals"):
         torch.testing.assert_close(
             getattr(sharded, name), getattr(single, name), rtol=0, atol=0, msg=name

@@ -121,7 +121,8 @@ class PreconditionerType(enum.StrEnum):
     """Dense Fisher eigenbasis (:class:`~basin_volume.preconditioners.DensePreconditioner`);
     small classifiers only (:math:`8D^2` bytes)."""
     ADAPTIVE = "adaptive"
-    """Start isotropic and refine during the run with :func:`estimate_adaptive`."""
+    """Start isotropic (or from a given ``preconditioner``) and refine during the run with
+    :func:`estimate_adaptive`."""
 
 
 def parse_preconditioner_type(kind) -> PreconditionerType:
@@ -199,10 +200,11 @@ def resolve_preconditioner(
     if eps == "prior":
         if cutoff is None:
             raise ValueError("eps='prior' needs the run's cutoff; pass cutoff=")
-        center = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-        if sigma is None:
-            sigma = float(center.norm()) / math.sqrt(center.numel())
-        eps = prior_eps(cutoff, sigma, center.numel(), exponent=exponent)
+        params = [p.detach() for p in model.parameters()]
+        dim = sum(p.numel() for p in params)
+        if sigma is None:  # the RMS of the centre, as in basin_volume.estimate
+            sigma = math.sqrt(sum(float(p.double().square().sum()) for p in params) / dim)
+        eps = prior_eps(cutoff, sigma, dim, exponent=exponent)
     if kind is PreconditionerType.ADAM:
         if optimizer is None:
             raise ValueError(

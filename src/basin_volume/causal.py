@@ -588,8 +588,13 @@ class CausalLMKL:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         gen = torch.Generator().manual_seed(seed)
-        total = torch.zeros(self.params.dim, dtype=torch.float64)
         leaves = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
+        # per-parameter sums of squares where the model lives, at least float32: one extra
+        # copy of the parameters' size beside the gradients, never a float64 D-vector there
+        totals = [
+            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            for p in leaves.values()
+        ]
         with preserved(self.model), torch.enable_grad():
             for ids, mask in self._batches:
                 for row in range(len(ids)):
@@ -613,14 +618,11 @@ class CausalLMKL:
                             retain_graph=True,
                             allow_unused=True,
                         )
-                        flat = torch.cat(
-                            [
-                                (torch.zeros_like(p) if g is None else g).reshape(-1)
-                                for g, p in zip(grads, leaves.values(), strict=True)
-                            ]
-                        )
-                        total += flat.double().square().cpu()
-        return total / (self.n_tokens * n_samples)
+                        for acc, g in zip(totals, grads, strict=True):
+                            if g is not None:
+                                acc += g.to(acc.dtype).square()
+        flat = torch.cat([acc.reshape(-1).to("cpu", torch.float64) for acc in totals])
+        return flat / (self.n_tokens * n_samples)
 
 
 def causal_lm_objective(

@@ -297,6 +297,10 @@ def _device(name: str):
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
+        from .devices import default_device
+
+        return default_device()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device", "MPS is not available here; use --device cpu or auto")
     return device
@@ -570,6 +574,12 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
         )
     if kind == "adam" or is_function:
         cutoff = args.cutoff if args.cutoff is not None else _ESTIMATION_DEFAULTS["cutoff"]
+        if model is None:
+            raise UsageError(
+                "--preconditioner",
+                f"{kind} needs the model, and --model {args.model} returned only fn and "
+                "center; return the scales as its 'preconditioner' entry instead",
+            )
         try:
             with preserved(model):
                 scales = resolve_preconditioner(
@@ -1054,7 +1064,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"information content: {result.information:.6g} nats")
     print(f"done in {time.perf_counter() - started:.1f} s")
-    if args.output:
+    if args.output and int(os.environ.get("RANK", "0")) == 0:
         result.save(args.output)
         print(f"saved {args.output}")
     return 0

@@ -24,6 +24,8 @@ from .adaptive import (
     parse_preconditioner_type,
     resolve_preconditioner,
 )
+from .devices import default_device
+from .distributed import from_rank0, init_from_env
 from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
 from .parameters import preserved
@@ -49,8 +51,9 @@ class ModelType(enum.StrEnum):
     """``EleutherAI/pythia-{model_name}`` at ``checkpoint_step`` from the hub."""
     CONVNEXT = "convnext"
     """An image classifier such as transformers' ``ConvNextV2ForImageClassification``:
-    ``model`` or ``model_name`` (a local folder or hub id, at ``revision``), with
-    ``inputs`` the preprocessed pixel values ``[n, channels, height, width]``."""
+    ``model``, or ``model_name`` (a local folder or hub id, loaded onto
+    :func:`~basin_volume.devices.default_device`), with ``inputs`` the preprocessed pixel
+    values ``[n, channels, height, width]``."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class VolumeConfig:
         :math:`\eta` and :math:`\gamma` in :math:`p = 1/(c^\gamma + \eta)` for the Adam and
         Fisher kinds. ``preconditioner_eps=None``: ``1e-5`` for Adam, and for the Fisher kinds
         ``"prior"`` (:func:`~basin_volume.preconditioners.prior_eps`, set by ``cutoff`` and
-        ``sigma``), the best setting in ``benchmarks/preconditioners.py``.
+        ``sigma``), the best setting in ``benchmarks/preconditioners.py``; under
+        ``measure="uniform"``, which has no prior, ``1e-5``.
     adam_order : {1, 2}
         Adam's ``exp_avg`` (1) or ``exp_avg_sq`` (2).
     optimizer : optimizer, state dict, path, optional
@@ -104,7 +108,8 @@ class VolumeConfig:
         that ``torch.func.vmap`` cannot batch. Ignored in the memory-light mode.
     model_name : str, optional
         ``model_type="pythia"``: ``"14m"``, ``"70m"``, ``"160m-deduped"``... for
-        ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory.
+        ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory;
+        ``model_type="convnext"``: a hub id or local directory of an image classifier.
     checkpoint_step : int, optional
         ``model_type="pythia"``: the training step (hub revision ``step{N}``; default the
         final checkpoint).
@@ -171,16 +176,29 @@ class VolumeConfig:
                 "both; with preconditioner_type='adaptive', preconditioner is the starting "
                 "proposal"
             )
+        eps = self.preconditioner_eps
+        if eps is not None and eps != "prior" and not _is_number(eps, minimum=0.0):
+            raise ValueError(
+                f"preconditioner_eps must be a finite number >= 0, 'prior' or None, got {eps!r}"
+            )
+        exponent = self.preconditioner_exponent
+        if not _is_number(exponent, minimum=0.0, strict=True):
+            raise ValueError(f"preconditioner_exponent must be a number > 0, got {exponent!r}")
+        if self.adam_order not in (1, 2) or isinstance(self.adam_order, bool):
+            raise ValueError(
+                f"adam_order must be 1 (exp_avg) or 2 (exp_avg_sq), got {self.adam_order!r}"
+            )
         rounds = self.adaptive_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"adaptive_rounds must be a positive integer, got {rounds!r}")
-        if kind is PreconditionerType.ADAPTIVE and (
-            not isinstance(self.n_samples, int) or self.n_samples % rounds
-        ):
+        n = self.n_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n!r}")
+        if kind is PreconditionerType.ADAPTIVE and n % rounds:
             raise ValueError(
                 f"preconditioner_type='adaptive' runs adaptive_rounds={rounds} rounds of equal "
-                f"size, so n_samples={self.n_samples!r} must be a multiple of it; e.g. "
-                f"n_samples={rounds * max(1, -(-int(self.n_samples) // rounds))}"
+                f"size, so n_samples={n} must be a multiple of it; e.g. "
+                f"n_samples={rounds * -(-n // rounds)}"
             )
 
     def replace(self, **changes) -> VolumeConfig:
@@ -200,6 +218,12 @@ class VolumeConfig:
         return out
 
 
+def _is_number(value, *, minimum: float, strict: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > minimum if strict else value >= minimum
+
+
 class VolumeEstimator:
     """Builds the objective for a model and runs the estimate.
 
@@ -215,6 +239,9 @@ class VolumeEstimator:
         currently in the model).
     center : torch.Tensor, optional
         The trained parameters, flat; default the model's current parameters.
+    fisher_inputs : tensor or CausalLMKL, optional
+        What ``preconditioner_type="fisher"``/``"fisher_dense"`` computes the Fisher on (the
+        classifier's inputs, or the causal-LM objective itself); set by :meth:`from_config`.
     """
 
     def __init__(
@@ -231,7 +258,7 @@ class VolumeEstimator:
         self.fn = fn
         self._center = center
         self._fisher_inputs = fisher_inputs
-        self._preconditioner = None
+        self._preconditioner, self._resolved = None, False
 
     @property
     def center(self) -> torch.Tensor:
@@ -247,26 +274,38 @@ class VolumeEstimator:
 
     @property
     def preconditioner(self):
-        """The proposal the run uses: ``config.preconditioner`` or the one
-        ``config.preconditioner_type`` builds (computed once, on first access)."""
-        cfg = self.config
-        if self._preconditioner is None and cfg.preconditioner is not None:
-            self._preconditioner = cfg.preconditioner
-        elif self._preconditioner is None:
-            with preserved(self.model):
-                self._preconditioner = resolve_preconditioner(
-                    cfg.preconditioner_type,
-                    model=self.model,
-                    inputs=self._fisher_inputs,
-                    optimizer=cfg.optimizer,
-                    eps=cfg.preconditioner_eps,
-                    exponent=cfg.preconditioner_exponent,
-                    adam_order=cfg.adam_order,
-                    cutoff=cfg.cutoff,
-                    sigma=cfg.sigma,
-                    seed=cfg.seed,
-                )
+        """The proposal the run uses: ``config.preconditioner``, or the one
+        ``config.preconditioner_type`` builds (once, on first access; under torchrun rank 0
+        builds it and every rank uses its bits, so every rank draws the same directions)."""
+        if not self._resolved:
+            cfg = self.config
+            kind = cfg.preconditioner_type
+            if cfg.preconditioner is not None or kind in (None, PreconditionerType.NONE):
+                self._preconditioner = cfg.preconditioner
+            else:
+                init_from_env()
+                self._preconditioner = from_rank0(self._build_preconditioner)
+            self._resolved = True
         return self._preconditioner
+
+    def _build_preconditioner(self):
+        cfg = self.config
+        eps = cfg.preconditioner_eps
+        if eps is None and Measure(cfg.measure) is Measure.UNIFORM:
+            eps = 1e-5  # "prior" needs a prior
+        with preserved(self.model):
+            return resolve_preconditioner(
+                cfg.preconditioner_type,
+                model=self.model,
+                inputs=self._fisher_inputs,
+                optimizer=cfg.optimizer,
+                eps=eps,
+                exponent=cfg.preconditioner_exponent,
+                adam_order=cfg.adam_order,
+                cutoff=cfg.cutoff,
+                sigma=cfg.sigma,
+                seed=cfg.seed,
+            )
 
     @property
     def low_memory(self) -> bool:
@@ -399,6 +438,7 @@ def _convnext(config: VolumeConfig) -> VolumeEstimator:
                 "model_name needs transformers: pip install 'basin_volume[hf]'"
             ) from err
         model = AutoModelForImageClassification.from_pretrained(config.model_name)
+        model.to(default_device())
     elif config.model_name is not None:
         raise ValueError("pass model or model_name for model_type='convnext', not both")
     return _classifier(config.replace(model=model))

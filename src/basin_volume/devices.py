@@ -22,7 +22,13 @@ def default_device() -> torch.device:
     """Where a model goes when the user names no device: this process's GPU (``cuda`` at
     torchrun's ``LOCAL_RANK``), else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this machine shows {count} GPU(s): launch at "
+                "most one process per GPU (torchrun --nproc_per_node)"
+            )
+        return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_records", "init_from_env", "world"]
+__all__ = ["broadcast_object", "from_rank0", "gather_records", "init_from_env", "world"]
 
 TIMEOUT = datetime.timedelta(minutes=10)
+T = TypeVar("T")
 
 
 def init_from_env() -> bool:
@@ -67,3 +70,50 @@ def gather_records(records: list) -> list:
         for record in part:
             merged.setdefault(record.index, record)
     return [merged[k] for k in sorted(merged)]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """``obj`` as rank 0 has it, on every rank (pickled by :mod:`torch.distributed`; for small
+    objects). A collective call."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """``compute()`` run on rank 0 only and its value returned on every rank; outside a
+    process group simply ``compute()``.
+
+    A tensor travels by :func:`torch.distributed.broadcast` (no pickling of large data) and
+    comes back on the CPU; anything else by :func:`broadcast_object`. An exception on rank 0
+    is raised there and reported on every other rank, so no rank waits for a value that will
+    never come. A collective call: every rank must make it.
+    """
+    rank, size = world()
+    if size == 1:
+        return compute()
+    value: Any = None
+    if rank == 0:
+        try:
+            value = compute()
+        except BaseException as err:
+            broadcast_object(("error", f"{type(err).__name__}: {err}"))
+            raise
+        if isinstance(value, torch.Tensor):
+            head = ("tensor", tuple(value.shape), value.dtype)
+        else:
+            head = ("object", value)
+        broadcast_object(head)
+    else:
+        head = broadcast_object(None)
+    if head[0] == "error":
+        raise RuntimeError(f"rank 0 failed: {head[1]}")
+    if head[0] == "object":
+        return head[1]
+    _, shape, dtype = head
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = value.to(device) if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(buf, src=0)
+    return value if rank == 0 else buf.cpu()

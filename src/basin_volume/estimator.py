@@ -178,8 +178,9 @@ def estimate(
         measure (the prior mass beyond is negligible, so the full ray integral is exact), and
         :math:`10^6 \max(\lVert\theta_0\rVert, 1)` for the uniform measure.
     callback : callable, optional
-        Called with each finished direction's :class:`DirectionRecord` (for incremental
-        saving).
+        Called with each finished direction's :class:`DirectionRecord`, in index order (for
+        incremental saving). Under torchrun it is called on every rank with every
+        direction, as each round of directions is shared.
     resume_from : VolumeResult, optional
         A partial result of the same run (same settings and seed): its directions are kept
         and the run continues with the next index, giving exactly the result an
@@ -292,7 +293,7 @@ def run_rays(
     """The estimator proper, for any ray evaluator of :mod:`basin_volume.rays`.
 
     :func:`estimate` documents the arguments. The evaluator is restored to the centre after
-    every direction and on any exception.
+    every group of directions and on any exception.
     """
     try:
         measure = Measure(measure)
@@ -377,7 +378,8 @@ def run_rays(
             "basin_volume_version": _version(),
         },
     )
-    _warn_about(result)
+    if rank == 0:  # once per job, not once per process
+        _warn_about(result)
     return result
 
 

@@ -570,6 +570,13 @@ class FisherLabels(enum.StrEnum):
     """``"full"`` for at most 64 classes, else ``"sampled"``."""
 
 
+def _fisher_labels(labels) -> FisherLabels:
+    try:
+        return FisherLabels(labels)
+    except ValueError:
+        raise ValueError(f"labels must be 'full', 'sampled' or 'auto', got {labels!r}") from None
+
+
 def _fisher_rows(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -589,10 +596,7 @@ def _fisher_rows(
 
     from .parameters import FlatParameters, preserved
 
-    try:
-        labels = FisherLabels(labels)
-    except ValueError:
-        raise ValueError(f"labels must be 'full', 'sampled' or 'auto', got {labels!r}") from None
+    labels = _fisher_labels(labels)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
         raise ValueError(
             "inputs must be a non-empty tensor whose first axis indexes examples, got "
@@ -699,7 +703,7 @@ def fisher_diagonal(
         float64 ``[D]`` on the CPU, in ``parameters_to_vector`` order.
     """
     if hasattr(inputs, "fisher_diagonal"):  # a causal-LM objective holding its own tokens
-        if FisherLabels(labels) is FisherLabels.FULL:
+        if _fisher_labels(labels) is FisherLabels.FULL:
             raise ValueError(
                 "labels='full' needs one backward pass per vocabulary entry; causal LMs use "
                 "sampled labels: pass labels='auto' or 'sampled' and raise n_samples"

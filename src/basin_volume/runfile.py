@@ -54,8 +54,9 @@ from typing import Any
 
 import torch
 
+from .adaptive import PreconditionerType
 from .config import VolumeConfig, VolumeEstimator
-from .distributed import init_from_env, world
+from .distributed import broadcast_object, from_rank0, init_from_env, world
 from .estimator import Measure, estimate
 from .result import DirectionRecord, ResultFileError, VolumeResult
 
@@ -483,6 +484,22 @@ def _settings(tensors, *, n_samples, measure, cutoff, sigma, rtol, seed, precond
     }
 
 
+def _proposal_identity(est: VolumeEstimator) -> Any:
+    """What identifies the proposal for resuming: ready-made or Adam scales themselves (they
+    are bit-reproducible from the stored state); for the Fisher kinds and ``"adaptive"``, which
+    are recomputed each session (their last bits may differ between devices), the recipe,
+    next to the centre's and the data's own fingerprints."""
+    cfg, kind = est.config, est.config.preconditioner_type
+    if isinstance(kind, torch.Tensor) or kind is PreconditionerType.ADAM:
+        return est.preconditioner
+    if kind in (None, PreconditionerType.NONE):
+        return cfg.preconditioner
+    return (
+        f"{kind.value}(eps={cfg.preconditioner_eps!r}, exponent={cfg.preconditioner_exponent!r}"
+        f", seed={cfg.seed})"
+    )
+
+
 def _estimator_job(est: VolumeEstimator) -> _Job:
     cfg = est.config
     params = list(est.model.parameters())  # the centre, in parameters_to_vector order
@@ -494,7 +511,7 @@ def _estimator_job(est: VolumeEstimator) -> _Job:
         sigma=cfg.sigma,
         rtol=cfg.rtol,
         seed=cfg.seed,
-        preconditioner=est.preconditioner,  # built from preconditioner_type if need be
+        preconditioner=_proposal_identity(est),
     )
     return _Job(
         settings,
@@ -753,13 +770,13 @@ def run_to_file(
             run = _open_run(job, *paths, resume=resume, spec=spec)
         except BaseException as err:
             if distributed:
-                _from_rank0((None, f"{type(err).__name__}: {err}"))
+                broadcast_object((None, f"{type(err).__name__}: {err}"))
             raise
     else:
         job = _job(source)
     prev = run.prev if run is not None else None
     if distributed:
-        prev, failure = _from_rank0((prev, None))
+        prev, failure = broadcast_object((prev, None))
         if failure is not None:
             raise RuntimeError(f"rank 0 could not start the run: {failure}")
     if run is None:  # another rank: records reach rank 0 through the estimator
@@ -798,15 +815,6 @@ def run_to_file(
     )
     result.save(run.output)
     return result
-
-
-def _from_rank0(obj: Any) -> Any:
-    """``obj`` as rank 0 has it, on every rank."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclasses.dataclass
@@ -1012,16 +1020,23 @@ def scan(
     if len(names) != len(sources) or len(set(names)) != len(names):
         raise ValueError(f"names must be {len(sources)} distinct file names, got {names}")
     out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    init_from_env()
+    rank, _ = world()  # under torchrun rank 0 alone reads and writes files
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for source, value, name in zip(sources, values, names, strict=True):
         path = out_dir / f"{name}.json"
-        result = None
         wanted = _source_n_samples(source)
-        if resume and path.exists():
-            done = VolumeResult.load(path)
-            if wanted is None or done.n_samples >= wanted:
-                result = done
+
+        def finished(path=path, wanted=wanted) -> VolumeResult | None:
+            if resume and path.exists():
+                done = VolumeResult.load(path)
+                if wanted is None or done.n_samples >= wanted:
+                    return done
+            return None
+
+        result = from_rank0(finished)
         if result is None:
             if not isinstance(source, VolumeConfig | VolumeEstimator | Mapping):
                 source = source()
@@ -1033,6 +1048,8 @@ def scan(
                 spec={**(spec or {}), "scan_axis": axis, "scan_value": value},
             )
         rows.append(_summary_row(result, name=name, axis=axis, value=value, file=path))
+    if rank != 0:
+        return rows
     with open(out_dir / "scan.json", "w") as fh:
         json.dump(_jsonable({"axis": axis, "rows": rows}), fh, indent=1)
     if plot:

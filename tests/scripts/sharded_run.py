@@ -43,5 +43,28 @@ def main(out, fail_rank=None):
         res.save(out)
 
 
+def classifier_config():
+    """A Fisher-preconditioned classifier run with batched directions."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+    inputs = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    return bv.VolumeConfig(model_type="classifier", model=model, inputs=inputs, n_samples=24,
+                           preconditioner_type="fisher", model_batch_size=3, seed=5,
+                           progress=False)  # fmt: skip
+
+
+def main_config(out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bv.VolumeEstimator.from_config(classifier_config()).run()
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        res.save(out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    if sys.argv[1] == "config":
+        main_config(sys.argv[2])
+    else:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
