@@ -27,6 +27,8 @@ Under ``torchrun`` rank 0 alone reads and writes the files: it checks the output
 resumes the run log and tells the other ranks where to start; every rank then runs its share
 of the directions and rank 0 logs each round's records as they are shared (see
 :mod:`basin_volume.distributed`). The number of processes may change between sessions.
+Per-direction seconds are then rank 0's clock as records arrive: a round's directions arrive
+together, so only their sum is meaningful.
 
 When the run completes, the full :class:`~basin_volume.VolumeResult` is written to
 ``results.json`` as JSON (never pickle), with the configuration, environment and timings in its
