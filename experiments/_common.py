@@ -13,8 +13,11 @@ Conventions
   parameters at step 0 (for the digits MLP, PyTorch's default uniform init with fan-in 64,
   about 1/sqrt(3 * 64) = 0.072). So the estimate is the probability that a network drawn
   like its initialisation (but Gaussian) lands in the basin. The sigma the L2 penalty implies
-  (a prior N(0, 1/(lambda N)), sigma = 3.125) is used as a second prior in the
-  preconditioning experiment only.
+  (a prior N(0, 1/(lambda N)), sigma = 3.125) is the second prior of every digits experiment.
+* Experiments 2-4 report for each basin the highest of four proposals (:func:`best_of`):
+  naive, the diagonal Fisher with the prior eps, and that Fisher stretched toward the origin
+  (:class:`OriginStretch`, x30 and x100). All are unbiased for P, so the highest is the least
+  underestimated.
 * Differences are "significant" only when both the 95% bootstrap interval of the difference
   (directions resampled within each estimate) and the 95% t-interval over seeds exclude 0.
   With an effective sample size near 1 the bootstrap interval is too narrow (no resample can

@@ -157,8 +157,11 @@ def digits_part(args, results: Path) -> dict:
 def tiny_lm_checkpoint(step: int, root: Path, *, seed: int = 0):
     """(model, tokenizer) of the tiny LM after ``step`` AdamW steps (0 = initialisation)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from basin_volume.tiny_lm import build_tiny_lm
+
+    hf_logging.disable_progress_bar()
 
     if step == 0:
         path = build_tiny_lm(root / "step1", steps=1, seed=seed)

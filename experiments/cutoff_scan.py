@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
             pooled = est.pop("_pooled")
             est["not_converged"] = C.status_counts(pooled)
             est["evals_per_dir"] = float(pooled.n_evals.double().mean())
+            # is the basin quadratic where it matters? radius of the heaviest direction and
+            # the median log-log slope of delta at the radius (2 = quadratic)
+            est["top_radius"] = float(pooled.radii[int(pooled.estimates.argmax())])
+            finite = pooled.slopes[torch.isfinite(pooled.slopes)]
+            est["median_slope"] = float(finite.median()) if finite.numel() else math.nan
             rows.append({"cutoff": cutoff, **est, "direct": mc[len(rows)]})
         for a, b in zip(rows[:-1], rows[1:], strict=True):
             b["slope"] = (b["log_p"] - a["log_p"]) / math.log(b["cutoff"] / a["cutoff"])
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "slope",
                     "slope/(D/2)",
                     "evals/dir",
+                    "r top",
+                    "dlog delta/dlog r",
                     "not converged",
                     "direct k",
                     "direct log P [95%]",
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                         C.f(r.get("slope", math.nan), ".0f"),
                         C.f(r.get("slope_ratio", math.nan), ".3f"),
                         C.f(r["evals_per_dir"], ".2f"),
+                        C.f(r["top_radius"], ".3g"),
+                        C.f(r["median_slope"], ".2f"),
                         ", ".join(f"{k}: {v}" for k, v in r["not_converged"].items()) or "-",
                         f"{r['direct']['k']}/{r['direct']['n']}",
                         f"{C.f(r['direct']['log_p'], '.2f')} [{C.f(r['direct']['low'], '.2f')}, "
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
         lo, hi = summary["priors"][prior]["fit_range"]
+        print(
+            f"|theta0| = {float(center.norm()):.2f}; r top: radius of the heaviest direction; "
+            "dlog delta/dlog r: median log-log slope of delta at the radius (2 = quadratic)"
+        )
         print(
             f"direct draws from the prior: min delta {mc_stats['min_delta']:.4g}, median "
             f"{mc_stats['median_delta']:.4g} nats"
@@ -199,7 +212,9 @@ def figure(summary: dict, path) -> None:
         x = [r["cutoff"] for r in rows]
         y = [r["log_p"] for r in rows]
         label = f"prior {prior} (sigma={data['sigma']:.3g})"
-        axes[0].plot(x, y, "o-", color=color, label=label)
+        axes[0].plot(x, y, "o-", color=color, label=label + ", best proposal")
+        naive = [r["naive"]["log_p"] for r in rows]
+        axes[0].plot(x, naive, ":", color=color, lw=1.5, label=f"naive only ({prior})")
         ref = [y[0] + half * math.log(c / x[0]) for c in x]
         axes[0].plot(x, ref, "--", color=color, lw=1, label=f"slope D/2 through {x[0]:.0e}")
         hit = [r for r in rows if r["direct"]["k"] > 0]
