@@ -18,6 +18,7 @@ order) is held out from training and served by :func:`tiny_lm_texts`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -155,6 +156,7 @@ def _train_model(tokenizer, texts, *, seed, steps, hidden, layers, heads, seq_le
     # with several); restored afterwards.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    loss = torch.tensor(math.nan)  # steps=0: the untrained initialisation
     try:
         for _ in range(steps):
             starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
