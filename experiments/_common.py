@@ -16,8 +16,8 @@ Conventions
   (a prior N(0, 1/(lambda N)), sigma = 3.125) is the second prior of every digits experiment.
 * Experiments 2-4 report for each basin the highest of four proposals (:func:`best_of`):
   naive, the diagonal Fisher with the prior eps, and that Fisher stretched toward the origin
-  (:class:`OriginStretch`, x30 and x100). All are unbiased for P, so the highest is the least
-  underestimated.
+  (:class:`basin_volume.preconditioners.OriginStretch`, x30 and x100). All are unbiased for
+  P, so the highest is the least underestimated.
 * Differences are "significant" only when both the 95% bootstrap interval of the difference
   (directions resampled within each estimate) and the 95% t-interval over seeds exclude 0.
   With an effective sample size near 1 the bootstrap interval is too narrow (no resample can
@@ -281,44 +281,10 @@ def verdict_models(
     return "n.s."
 
 
-class OriginStretch:
-    r"""Rank-one stretch toward (and away from) the prior's mean:
-    :math:`P = s^{-1/D}\,(I + (s - 1)\,vv^\top)`, :math:`v = \theta_0/\lVert\theta_0\rVert`,
-    optionally composed with another preconditioner ``base`` (applied first): ``P base``.
-
-    :math:`\det P = 1` (times ``det base = 1``), so it fits the estimator's proposal
-    :math:`\omega = Pu/\lVert Pu\rVert` with weight :math:`\lVert Pu\rVert^{-D}` (the
-    angular central Gaussian density holds for any invertible :math:`P` of determinant one).
-
-    Why: under a prior much narrower than the trained weights (the init prior here, where
-    :math:`\lVert\theta_0\rVert^2/2\sigma^2` is tens of thousands of nats) the prior density
-    falls by orders of magnitude across the basin, so the basin's mass sits in directions with
-    a component toward the origin; an isotropic or curvature-only proposal almost never draws
-    them. Not part of the library (an experiment-level proposal; see docs/experiments.md).
-    """
-
-    def __init__(self, center: torch.Tensor, stretch: float, base=None):
-        from basin_volume.preconditioners import as_preconditioner
-
-        v = center.detach().to("cpu", torch.float64)
-        self.v = v / v.norm()
-        self.dim = v.numel()
-        self.stretch = float(stretch)
-        self.factor = self.stretch ** (-1.0 / self.dim)
-        self.base = as_preconditioner(base, self.dim) if base is not None else None
-
-    def apply(self, u: torch.Tensor) -> torch.Tensor:
-        if self.base is not None:
-            u = self.base.apply(u)
-        return self.factor * (u + (self.stretch - 1.0) * self.v * (self.v @ u))
-
-    def __repr__(self) -> str:
-        return f"OriginStretch(dim={self.dim}, stretch={self.stretch:g}, base={self.base!r})"
-
-
 PROPOSALS = ("naive", "fisher", "fisher+origin30", "fisher+origin100")
 """The proposals of :func:`best_of`: isotropic, diagonal Fisher with the prior eps, and the
-latter composed with :class:`OriginStretch` of stretch 30 and 100."""
+latter composed with :class:`~basin_volume.preconditioners.OriginStretch` of stretch
+30 and 100."""
 
 
 SHORT = {"naive": "n", "fisher": "f", "fisher+origin30": "fo30", "fisher+origin100": "fo100"}
@@ -335,15 +301,15 @@ def best_of(
     ``norm_term`` is ``|center|^2 / (2 sigma^2)``, the part of -log P that only says how far
     the centre is from the prior's mean.
     """
-    from basin_volume.preconditioners import prior_eps
+    from basin_volume.preconditioners import OriginStretch, prior_eps
 
     eta = prior_eps(cutoff, sigma, center.numel())
     fisher = 1.0 / (fdiag.sqrt() + eta)
     pres = {
         "naive": None,
         "fisher": fisher,
-        "fisher+origin30": OriginStretch(center, 30, fisher),
-        "fisher+origin100": OriginStretch(center, 100, fisher),
+        "fisher+origin30": OriginStretch(center, 30, base=fisher),
+        "fisher+origin100": OriginStretch(center, 100, base=fisher),
     }
     out, pooled_by = {}, {}
     for label, pre in pres.items():

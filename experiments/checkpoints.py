@@ -17,10 +17,10 @@ parameters ("init"), and for the digits MLP also sigma = 1/sqrt(lambda N) = 3.12
 of its L2 penalty ("L2"). Each basin is estimated with four proposals (``_common.best_of``):
 isotropic ("naive", n), the diagonal Fisher of that checkpoint with the prior-set eps
 ("fisher", f), and that Fisher composed with a rank-one stretch toward the origin by 30 and
-100 (fo30, fo100; ``_common.OriginStretch``), 3 direction seeds each; the reported log P is
-the highest of the four pooled estimates. All are unbiased for P, so the highest is the least
-underestimated (by Markov's inequality an overestimate by X nats has probability at most
-4 e^-X for the largest of four).
+100 (fo30, fo100; ``basin_volume.preconditioners.OriginStretch``), 3 direction seeds each;
+the reported log P is the highest of the four pooled estimates. All are unbiased for P, so
+the highest is the least underestimated (by Markov's inequality an overestimate by X nats
+has probability at most 4 e^-X for the largest of four).
 
 Under the init prior -log P splits into ||theta0||^2 / (2 sigma^2) (how far the checkpoint
 is from the prior's centre) and the rest; the tables print the first term as "norm term".

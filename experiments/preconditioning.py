@@ -13,10 +13,11 @@ exp_avg (order 1), eta in {1e-8, 1e-5, 1e-3} and gamma in {0.25, 0.5, 1}; the di
 of the KL basin 1/(F_ii^gamma + eta) with eta in {1e-5, 1e-3, prior} and the same gammas
 (eta = prior is ``prior_eps(cutoff, sigma, D, exponent=gamma)``); the dense Fisher eigenbasis
 with eta in {1e-5, prior}, gamma 0.5; and a rank-one stretch of the proposal toward (and
-away from) the origin by s in {10, 30, 100, 300} (``_common.OriginStretch``), alone and
+away from) the origin by s in {10, 30, 100, 300}
+(:class:`basin_volume.preconditioners.OriginStretch`), alone and
 composed with the diagonal Fisher (eta = prior), and s in {30, 100} with the dense Fisher.
-The stretch is not in the library: it tests why the curvature proposals lose under the
-narrow init prior (there the prior density falls by e^(|theta0|/sigma^2 * r) across the
+The stretch (added to the library after these runs) tests why the curvature proposals lose
+under the narrow init prior (there the prior density falls by e^(|theta0|/sigma^2 * r) across the
 basin, so its mass lies in directions with a component toward the origin).
 
 Every estimate is an unbiased estimate of the probability itself, so by Markov's inequality
@@ -40,6 +41,7 @@ from basin_volume.digits import train_digits_mlp
 from basin_volume.objectives import ClassifierKL
 from basin_volume.preconditioners import (
     DensePreconditioner,
+    OriginStretch,
     adam_preconditioner,
     fisher_diagonal,
     fisher_matrix,
@@ -81,14 +83,14 @@ def proposals(run, fn, center, sigma, cutoff, *, quick: bool, fisher: dict):
             out.append((f"dense fisher eps={label} exp=0.5", "dense Fisher", dense))
     stretches = (30,) if quick else (10, 30, 100, 300)
     for s in stretches:
-        out.append((f"origin x{s}", "toward origin", C.OriginStretch(center, s)))
+        out.append((f"origin x{s}", "toward origin", OriginStretch(center, s)))
     fprior = 1.0 / (fdiag.sqrt() + prior_eps(cutoff, sigma, dim))
     for s in stretches:
-        pre = C.OriginStretch(center, s, fprior)
+        pre = OriginStretch(center, s, base=fprior)
         out.append((f"fisher eps=prior + origin x{s}", "toward origin + Fisher", pre))
     if dense is not None:  # the dense Fisher with eps=prior
         for s in (30, 100):
-            pre = C.OriginStretch(center, s, dense)
+            pre = OriginStretch(center, s, base=dense)
             out.append((f"dense fisher eps=prior + origin x{s}", "toward origin + Fisher", pre))
     return out
 

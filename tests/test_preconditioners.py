@@ -22,6 +22,7 @@ from basin_volume.adaptive import (
 from basin_volume.preconditioners import (
     DensePreconditioner,
     DiagonalPreconditioner,
+    OriginStretch,
     Preconditioner,
     adam_preconditioner,
     as_preconditioner,
@@ -114,6 +115,34 @@ def test_matching_dense_preconditioner_is_exact(form, d):
     # the diagonal of a rotated H is not enough: the test can tell the difference
     diag_only = uniform_run(quadratic(h_matrix), d, torch.diagonal(h_matrix).rsqrt())
     assert float(diag_only.estimates.std()) > 1e-3
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_origin_stretch_matching_its_ellipsoid_is_exact(with_base):
+    """H = (P P^T)^-1 for P = stretch along c (after diag(b)): every direction is exact."""
+    d, s = 12, 40.0
+    c = torch.linspace(-1.0, 2.0, d, dtype=torch.float64)
+    b = spectrum(d, seed=7).sqrt() if with_base else None
+    pre = OriginStretch(c, s, base=b)
+    v = c / c.norm()
+    stretch = torch.eye(d, dtype=torch.float64) + (s - 1.0) * torch.outer(v, v)
+    p_mat = stretch @ (torch.diag(b) if with_base else torch.eye(d, dtype=torch.float64))
+    h_matrix = torch.linalg.inv(p_mat @ p_mat.T)
+    h_matrix = 0.5 * (h_matrix + h_matrix.T)
+    truth = log_ellipsoid_volume(torch.linalg.eigvalsh(h_matrix), CUTOFF)
+    res = uniform_run(quadratic(h_matrix), d, pre)
+    assert res.estimates.max() - res.estimates.min() < 1e-8 * d
+    assert res.log_volume == pytest.approx(truth, abs=1e-8 * d)
+    iso = uniform_run(quadratic(h_matrix), d, b)  # without the stretch: not exact
+    assert float(iso.estimates.std()) > 0.1
+    u = torch.randn(d, dtype=torch.float64)
+    norm = math.exp(-float(b.log().mean())) if with_base else 1.0  # base scaled to det 1
+    expected = s ** (-1 / d) * norm * (p_mat @ u)  # det P = 1
+    torch.testing.assert_close(pre.apply(u), expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="stretch"):
+        OriginStretch(c, 0.0)
+    with pytest.raises(ValueError, match="not all zero"):
+        OriginStretch(torch.zeros(d), 2.0)
 
 
 def test_dense_preconditioner_algebra():
