@@ -6,7 +6,8 @@ and a one-direction warm-up run has paged in the code, the process's peak reside
 reset (Linux /proc/self/clear_refs) and a short estimate runs. On a GPU the same is measured
 with torch.cuda.max_memory_allocated.
 
-Modes: light, light+pre (light with a diagonal preconditioner), dense.
+Modes: light, light+pre (light with a diagonal preconditioner), light+cache (light with
+the direction kept in host memory, as on accelerators), dense.
 
 Run: python benchmarks/memory.py [--n-samples 2] [--device cpu] [--json out.json]
 """
@@ -21,7 +22,7 @@ import time
 
 from basin_volume.directions import CHUNK_SIZE
 
-MODES = ("light", "light+pre", "dense")
+MODES = ("light", "light+pre", "light+cache", "dense")
 
 
 def _rss_kib(field: str) -> int:
@@ -85,7 +86,10 @@ def child(mode: str, n_samples: int, device: str) -> dict:
 
     def make_rays():
         if mode.startswith("light"):
-            return InPlaceRays(fn, list(model.parameters()), seed=0, preconditioner=pre)
+            cache = mode.endswith("+cache")  # what accelerators do: the direction in host RAM
+            return InPlaceRays(
+                fn, list(model.parameters()), seed=0, preconditioner=pre, host_cache=cache
+            )
         return DenseRays(fn, fn.center, seed=0, preconditioner=pre)
 
     # warm-up: page in the code paths and allocator pools once, so the measurement below is
@@ -124,13 +128,14 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n_samples, args.device)))
         return
     rows = []
-    for mode in MODES:
+    for mode in args.modes:
         out = subprocess.run(
             [
                 sys.executable,
@@ -167,7 +172,10 @@ def main() -> None:
         "light mode holds one saved copy of the parameters; what lies beyond it is the "
         "activations of a forward pass and a few direction chunks of "
         f"{CHUNK_SIZE:,} entries, independent of D; with a diagonal preconditioner "
-        "(+pre) it also holds the scales in the parameters' precision (one more copy)"
+        "(+pre) it also holds the scales in the parameters' precision (one more copy); "
+        "+cache keeps the current direction in host memory (the default on accelerators, "
+        "where that is not the model's memory; on the CPU it is one more copy) and draws "
+        "it once per direction instead of once per evaluation"
     )
     if args.json:
         with open(args.json, "w") as fh:

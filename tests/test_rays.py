@@ -158,3 +158,50 @@ def test_batch_fn_with_wrong_shape_is_an_error():
             progress=False,
             batch_fn=lambda ths: ths.sum(),
         )
+
+
+def test_normal_vector_equals_the_chunks_with_any_number_of_workers(monkeypatch):
+    monkeypatch.setattr(directions, "CHUNK_SIZE", 100)
+    chunks = torch.cat([c for _, c in directions.normal_chunks(3, 5, 1234)])
+    for workers in (1, 4):
+        assert torch.equal(directions.normal_vector(3, 5, 1234, workers=workers), chunks)
+
+
+@pytest.mark.parametrize("with_pre", [False, True])
+def test_host_cache_gives_identical_results_and_draws_each_direction_once(monkeypatch, with_pre):
+    monkeypatch.setattr(directions, "CHUNK_SIZE", 37)
+    model = make_model()
+    x = torch.randn(16, 10, generator=torch.Generator().manual_seed(1))
+    fn = ClassifierKL(model, x)
+    dim = sum(p.numel() for p in model.parameters())
+    pre = None
+    if with_pre:
+        pre = DiagonalPreconditioner(
+            torch.rand(dim, generator=torch.Generator().manual_seed(2)) + 0.1
+        )
+    draws = []
+    real = directions._normal_chunk
+
+    def counted(seed, index, dim, c):
+        draws.append(index)
+        return real(seed, index, dim, c)
+
+    monkeypatch.setattr(directions, "_normal_chunk", counted)
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        for cache in (False, True):
+            draws.clear()
+            rays = InPlaceRays(
+                fn, list(model.parameters()), seed=3, preconditioner=pre, host_cache=cache
+            )
+            results[cache] = run_rays(rays, **SETTINGS)
+            per_direction = len(draws) / -(-dim // 37) / SETTINGS["n_samples"]
+            if cache:
+                assert per_direction == 1  # generated once, reused by every evaluation
+            else:
+                assert per_direction == pytest.approx(
+                    1 + float(results[cache].n_evals.double().mean())
+                )
+    for name in ("estimates", "radii", "props", "n_evals"):
+        assert torch.equal(getattr(results[True], name), getattr(results[False], name)), name

@@ -25,7 +25,7 @@ import torch
 
 from . import directions
 from .devices import wide_dtype
-from .directions import normal_chunks, sample_direction
+from .directions import normal_chunks, normal_vector, sample_direction
 from .preconditioners import DiagonalPreconditioner, Preconditioner
 
 __all__ = ["DenseRays", "InPlaceRays", "RayStart"]
@@ -146,6 +146,12 @@ class InPlaceRays:
         Seed of the run.
     preconditioner : DiagonalPreconditioner, optional
         Only diagonal preconditioners can be applied chunk by chunk.
+    host_cache : bool, optional
+        Keep the current direction's normal vector in host memory (float32, pinned for
+        CUDA), generated once per direction by ``torch.get_num_threads()`` threads, instead
+        of regenerating it chunk by chunk at every evaluation. Default: on when the model
+        lives on an accelerator (host memory is not the model's), off on the CPU (where it
+        would be a second copy of the parameters).
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class InPlaceRays:
         *,
         seed: int,
         preconditioner: Preconditioner | None,
+        host_cache: bool | None = None,
     ):
         if preconditioner is not None and not isinstance(preconditioner, DiagonalPreconditioner):
             raise ValueError(
@@ -194,18 +201,33 @@ class InPlaceRays:
             )
         self.index, self.v_norm = -1, math.nan
         self.v_norm_of: dict[int, float] = {}
+        self.host_cache = self.device.type != "cpu" if host_cache is None else bool(host_cache)
+        self._cached: tuple[int, torch.Tensor] | None = None
         # flat offset of each parameter
         self.offsets = [0]
         for p in self.params:
             self.offsets.append(self.offsets[-1] + p.numel())
 
-    def _chunks(self):
-        """Yield (start, P z chunk in float64 on the device)."""
-        for start, z in normal_chunks(self.seed, self.index, self.dim):
-            z = z.to(self.device, self.wide)
+    def _normals(self, index: int):
+        """Yield (start, z chunk): direction ``index``'s normals, float32 on the CPU."""
+        if not self.host_cache:
+            yield from normal_chunks(self.seed, index, self.dim)
+            return
+        if self._cached is None or self._cached[0] != index:
+            self._cached = None  # free the last direction before drawing the next
+            z = normal_vector(self.seed, index, self.dim, workers=torch.get_num_threads())
+            self._cached = (index, z.pin_memory() if self.device.type == "cuda" else z)
+        z = self._cached[1]
+        for start in range(0, self.dim, directions.CHUNK_SIZE):
+            yield start, z[start : start + directions.CHUNK_SIZE]
+
+    def _chunks(self, index: int):
+        """Yield (start, z chunk on the CPU, P z chunk in float64 on the device)."""
+        for start, z in self._normals(index):
+            v = z.to(self.device, self.wide, non_blocking=True)
             if self.scales is not None:
-                z = z * self.scales[start : start + z.numel()].to(self.wide)
-            yield start, z
+                v = v * self.scales[start : start + v.numel()].to(self.wide)
+            yield start, z, v
 
     def _pieces(self, start: int, size: int):
         """(param index, slice in the param, slice in the chunk) overlapping [start, start+size)."""
@@ -223,9 +245,7 @@ class InPlaceRays:
     def start(self, index: int) -> RayStart:
         self.index = index
         z_sq = v_sq = dot = 0.0
-        for (start, z_chunk), (_, v) in zip(
-            normal_chunks(self.seed, index, self.dim), self._chunks(), strict=True
-        ):
+        for start, z_chunk, v in self._chunks(index):
             z_sq += float(z_chunk.to(self.wide).square().sum())
             v_sq += float(v.square().sum())
             for j, in_p, in_c in self._pieces(start, v.numel()):
@@ -238,7 +258,7 @@ class InPlaceRays:
 
     def value_at(self, t: float) -> float:
         with torch.no_grad():
-            for start, v in self._chunks():
+            for start, _, v in self._chunks(self.index):
                 step = t * (v / self.v_norm)
                 for j, in_p, in_c in self._pieces(start, v.numel()):
                     target = self.params[j].view(-1)[in_p]
