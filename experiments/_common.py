@@ -393,6 +393,15 @@ def _jsonable(x):
     return x
 
 
+def finish(summary: dict, clock, results: Path, figure_path: Path, figure) -> dict:
+    """Time the run, write ``summary.json`` and the figure, say where; return ``summary``."""
+    summary["seconds"] = clock()
+    write_summary(results / "summary.json", summary)
+    figure(summary, figure_path)
+    print(f"\ntotal {clock():.0f} s; figure {figure_path}")
+    return summary
+
+
 def write_summary(path: Path, data: dict) -> None:
     """The numbers of a run as JSON (non-finite floats as strings)."""
     path.write_text(json.dumps(_jsonable(data), indent=1) + "\n")

@@ -287,11 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_lm:
         summary["lm"] = lm_part(args, results)
         print_lm(summary["lm"])
-    summary["seconds"] = clock()
-    C.write_summary(results / "summary.json", summary)
-    figure(summary, figures / f"{NAME}.png")
-    print(f"\ntotal {clock():.0f} s; figure {figures / f'{NAME}.png'}")
-    return summary
+    return C.finish(summary, clock, results, figures / f"{NAME}.png", figure)
 
 
 def print_digits(d: dict) -> None:

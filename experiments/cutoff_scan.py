@@ -195,11 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"least-squares slope over cutoffs {lo:.0e}..{hi:.0e}: {fit[0]:.0f} = "
             f"{fit[0] / (dim / 2):.3f} x D/2"
         )
-    summary["seconds"] = clock()
-    C.write_summary(results / "summary.json", summary)
-    figure(summary, figures / f"{NAME}.png")
-    print(f"\ntotal {clock():.0f} s; figure {figures / f'{NAME}.png'}")
-    return summary
+    return C.finish(summary, clock, results, figures / f"{NAME}.png", figure)
 
 
 def figure(summary: dict, path) -> None:

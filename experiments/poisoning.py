@@ -191,11 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"models [{C.f(lo)}, {C.f(hi)}]: poisoned basin is {v}"
             + ("" if v == "n.s." else " (significant)")
         )
-    summary["seconds"] = clock()
-    C.write_summary(results / "summary.json", summary)
-    figure(summary, figures / f"{NAME}.png")
-    print(f"\ntotal {clock():.0f} s; figure {figures / f'{NAME}.png'}")
-    return summary
+    return C.finish(summary, clock, results, figures / f"{NAME}.png", figure)
 
 
 def figure(summary: dict, path) -> None:

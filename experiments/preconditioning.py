@@ -175,11 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"best: {best['proposal']}, {C.f(gain)} nats ({C.f(gain / math.log(10))} orders of "
             f"magnitude) above naive; verdict {best['vs_naive']['verdict']}"
         )
-    summary["seconds"] = clock()
-    C.write_summary(results / "summary.json", summary)
-    figure(summary, figures / f"{NAME}.png")
-    print(f"\ntotal {clock():.0f} s; figure {figures / f'{NAME}.png'}")
-    return summary
+    return C.finish(summary, clock, results, figures / f"{NAME}.png", figure)
 
 
 def render(rows: list[dict]) -> str:

@@ -338,6 +338,15 @@ class VolumeEstimator:
                 + "; use preconditioner_type='fisher' or 'adam' (or low_memory=False)"
             )
         pre = self.preconditioner
+        settings = dict(
+            cutoff=cfg.cutoff,
+            measure=cfg.measure,
+            sigma=cfg.sigma,
+            rtol=cfg.rtol,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            callback=callback,
+        )
         with preserved(self.model):
             if adaptive:
                 result = estimate_adaptive(
@@ -345,30 +354,11 @@ class VolumeEstimator:
                     self.center,
                     rounds=cfg.adaptive_rounds,
                     n_per_round=cfg.n_samples // cfg.adaptive_rounds,
-                    seed=cfg.seed,
-                    progress=cfg.progress,
-                    callback=callback,
-                    cutoff=cfg.cutoff,
-                    measure=cfg.measure,
-                    sigma=cfg.sigma,
-                    rtol=cfg.rtol,
                     preconditioner=pre,
                     model_batch_size=cfg.model_batch_size,
+                    **settings,
                 )
-                result.meta["config"] = cfg.describe()
-                return result
-            settings = dict(
-                n_samples=cfg.n_samples,
-                cutoff=cfg.cutoff,
-                measure=cfg.measure,
-                sigma=cfg.sigma,
-                rtol=cfg.rtol,
-                seed=cfg.seed,
-                progress=cfg.progress,
-                callback=callback,
-                resume_from=resume_from,
-            )
-            if self.low_memory:
+            elif self.low_memory:
                 params = list(self.model.parameters())
                 dim = sum(p.numel() for p in params)
                 rays = InPlaceRays(
@@ -376,6 +366,8 @@ class VolumeEstimator:
                 )
                 result = run_rays(
                     rays,
+                    n_samples=cfg.n_samples,
+                    resume_from=resume_from,
                     max_evals=40,
                     max_radius=None,
                     meta={"device": str(params[0].device), "memory": "light"},
@@ -385,6 +377,8 @@ class VolumeEstimator:
                 result = estimate(
                     self.fn,
                     self.center,
+                    n_samples=cfg.n_samples,
+                    resume_from=resume_from,
                     preconditioner=pre,
                     model_batch_size=cfg.model_batch_size,
                     **settings,
