@@ -416,6 +416,9 @@ class CausalLMKL:
         identical values.
     cache_budget_bytes : int, optional
         For ``"auto"``: the largest cache put on an accelerator.
+    compile : bool or dict, optional
+        Evaluate the model through :func:`torch.compile` (see
+        :class:`~basin_volume.parameters.FlatParameters`).
 
     Attributes
     ----------
@@ -441,6 +444,7 @@ class CausalLMKL:
         batch_size: int = 4096,
         cache_mode: CacheMode | str | None = CacheMode.AUTO,
         cache_budget_bytes: int | None = None,
+        compile: bool | dict | None = None,
     ):
         self.model = _unwrap(model)
         mode = _resolve_cache_mode(cache_mode)
@@ -466,7 +470,7 @@ class CausalLMKL:
         keep = lengths > 0
         if not bool(keep.any()):
             raise ValueError("attention_mask selects no tokens: there is nothing to evaluate")
-        self.params = FlatParameters(self.model)
+        self.params = FlatParameters(self.model, compile=compile)
         device = self.params.device
         # Longest first, so each batch is trimmed to its own longest sequence.
         order = torch.argsort(lengths[keep], descending=True, stable=True)
@@ -637,6 +641,7 @@ def causal_lm_objective(
     data_batch_size: int = 4096,
     cache_mode: CacheMode | str | None = CacheMode.AUTO,
     cache_budget_bytes: int | None = None,
+    compile: bool | dict | None = None,
 ) -> CausalLMKL:
     """The KL objective of a causal LM on the first ``val_size`` sequences of ``dataset``.
 
@@ -682,6 +687,7 @@ def causal_lm_objective(
         batch_size=data_batch_size,
         cache_mode=cache_mode,
         cache_budget_bytes=cache_budget_bytes,
+        compile=compile,
     )
 
 

@@ -46,9 +46,19 @@ class ClassifierKL:
         floating point, cast to the parameters' dtype).
     batch_size : int
         Inputs per forward pass.
+    compile : bool or dict, optional
+        Evaluate the model through :func:`torch.compile` (see
+        :class:`~basin_volume.parameters.FlatParameters`).
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 4096):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        *,
+        batch_size: int = 4096,
+        compile: bool | dict | None = None,
+    ):
         if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
             raise ValueError(
                 "inputs must be a non-empty tensor whose first axis indexes examples, got "
@@ -56,7 +66,7 @@ class ClassifierKL:
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data_batch_size must be a positive integer, got {batch_size!r}")
-        self.params = FlatParameters(model)
+        self.params = FlatParameters(model, compile=compile)
         dtype = self.params.dtype if inputs.is_floating_point() else inputs.dtype
         self.inputs = inputs.to(self.params.device, dtype)
         self.batch_size = batch_size
