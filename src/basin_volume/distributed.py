@@ -15,6 +15,7 @@ collective timeout.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable
@@ -47,7 +48,13 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    atexit.register(_shutdown)  # a group left alive at exit can abort the process (gloo)
     return dist.get_world_size() > 1
+
+
+def _shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
