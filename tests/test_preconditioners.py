@@ -292,6 +292,41 @@ def test_adaptive_round_zero_is_a_plain_run_and_rounds_differ():
     assert loaded.meta["adaptive"]["rounds"][1]["seed"] == seeds[1]
 
 
+@pytest.mark.parametrize("stop", [3, 7, 10])  # inside round 0, inside round 1, between rounds
+def test_adaptive_resumed_run_equals_an_uninterrupted_one(stop):
+    d = 6
+    fn = quadratic(torch.diag(spectrum(d, seed=8)))
+    settings = dict(rounds=3, n_per_round=5, groups="coordinate", measure="uniform",
+                    cutoff=CUTOFF, rtol=1e-8, seed=2, progress=False)  # fmt: skip
+    c = torch.zeros(d, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bv.LowESSWarning)
+        full = estimate_adaptive(fn, c, **settings)
+        partial = bv.VolumeResult.from_records(
+            full.records()[:stop],
+            **{k: getattr(full, k) for k in ("dim", "measure", "cutoff", "sigma", "rtol")},
+            seed=2,
+        )
+        calls = []
+
+        def counted(theta):
+            calls.append(1)
+            return fn(theta)
+
+        resumed = estimate_adaptive(counted, c, resume_from=partial, **settings)
+    for name in ("estimates", "radii", "props", "n_evals"):
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert [r["log_volume"] for r in resumed.meta["adaptive"]["rounds"]] == [
+        r["log_volume"] for r in full.meta["adaptive"]["rounds"]
+    ]
+    redone = int(full.n_evals[stop:].sum())  # only the missing directions are evaluated
+    assert len(calls) == redone + 3  # plus fn(centre) once per round
+    with pytest.raises(ValueError, match="n_per_round"):
+        estimate_adaptive(fn, c, resume_from=full, **{**settings, "n_per_round": 4})
+    with pytest.raises(ValueError, match="seed"):
+        estimate_adaptive(fn, c, resume_from=partial, **{**settings, "seed": 5})
+
+
 def test_adaptive_argument_errors():
     c = torch.zeros(4, dtype=torch.float64)
     fn = quadratic(torch.eye(4, dtype=torch.float64))

@@ -225,3 +225,21 @@ def test_scan_over_cutoffs_writes_each_point_and_resumes(config, tmp_path):
     assert calls == []  # finished points are not rebuilt
     assert [r["log_volume"] for r in again] == [r["log_volume"] for r in rows]
     assert (tmp_path / "scan" / "scan.png").stat().st_size > 10_000
+
+
+def test_adaptive_run_resumes_exactly_and_keeps_its_rounds(config, tmp_path):
+    adaptive = config.replace(preconditioner_type="adaptive", n_samples=8, adaptive_rounds=2)
+    full = run_to_file(adaptive, tmp_path / "full.json")
+    out = tmp_path / "part.json"
+
+    def stop_in_round_two(record):
+        if record.index == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_to_file(adaptive, out, callback=stop_in_round_two)
+    resumed = run_to_file(adaptive, out, resume=True)
+    assert_same_directions(resumed, full)
+    assert len(resumed.meta["adaptive"]["rounds"]) == 2
+    with pytest.raises(ValueError, match="n_samples"):
+        run_to_file(adaptive.replace(n_samples=12), out, resume=True)

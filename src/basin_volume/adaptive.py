@@ -333,6 +333,7 @@ def estimate_adaptive(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[DirectionRecord], None] | None = None,
+    resume_from: VolumeResult | None = None,
     **estimate_kwargs,
 ) -> VolumeResult:
     r"""Estimate the basin with a proposal refined over ``rounds`` rounds of directions.
@@ -369,6 +370,10 @@ def estimate_adaptive(
         Show a progress bar per round.
     callback : callable, optional
         Called with each finished direction's record, indexed across rounds.
+    resume_from : VolumeResult, optional
+        The directions an interrupted run with the same settings finished (e.g.
+        :func:`basin_volume.load_result` of its run log). Each round's proposal is refitted
+        from them exactly as before, so the result equals an uninterrupted run's.
     **estimate_kwargs
         ``cutoff``, ``measure``, ``sigma``, ``rtol``, ``max_evals``, ``max_radius`` and the
         starting ``preconditioner`` (None, scales, a diagonal or a dense preconditioner), as
@@ -394,10 +399,8 @@ def estimate_adaptive(
     >>> first > 0.5, second < 1e-4   # the second round has (near) zero variance
     (True, True)
     """
-    for name in ("n_samples", "resume_from"):
-        if name in estimate_kwargs:
-            hint = "use rounds and n_per_round" if name == "n_samples" else "not supported"
-            raise TypeError(f"estimate_adaptive does not take {name}: {hint}")
+    if "n_samples" in estimate_kwargs:
+        raise TypeError("estimate_adaptive does not take n_samples: use rounds and n_per_round")
     for name, value in (("rounds", rounds), ("n_per_round", n_per_round)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -428,6 +431,7 @@ def estimate_adaptive(
         )
     b = frame.base.pow(-2)
 
+    done = _resumed_records(resume_from, seed, rounds, n_per_round)
     a = torch.zeros(n_groups, dtype=torch.float64)
     records: list[DirectionRecord] = []
     features, log_kappa, estimates = [], [], []
@@ -442,6 +446,16 @@ def estimate_adaptive(
             if callback is not None:
                 callback(replace(rec, index=offset + rec.index))
 
+        round_prev = None
+        if done[offset : offset + n_per_round]:
+            round_prev = VolumeResult.from_records(
+                [replace(r, index=r.index - offset) for r in done[offset : offset + n_per_round]],
+                **{
+                    k: getattr(resume_from, k)
+                    for k in ("dim", "measure", "cutoff", "sigma", "rtol")
+                },
+                seed=round_seed,
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowESSWarning)
             res = estimate(
@@ -452,6 +466,7 @@ def estimate_adaptive(
                 preconditioner=pre,
                 progress=progress,
                 callback=forward,
+                resume_from=round_prev,
                 **estimate_kwargs,
             )
         records.extend(replace(rec, index=offset + rec.index) for rec in res.records())
@@ -493,6 +508,7 @@ def estimate_adaptive(
     meta["preconditioner"] = "adaptive"
     meta["seconds"] = seconds
     meta["adaptive"] = {
+        "n_per_round": n_per_round,
         "update": update.value,
         "rounds": info,
         "n_groups": n_groups,
@@ -514,6 +530,30 @@ def estimate_adaptive(
     )
     result.warn_if_unreliable(stacklevel=2)
     return result
+
+
+def _resumed_records(
+    prev: VolumeResult | None, seed: int, rounds: int, n_per_round: int
+) -> list[DirectionRecord]:
+    """The finished directions of an interrupted adaptive run with the same settings."""
+    if prev is None:
+        return []
+    if not isinstance(prev, VolumeResult):
+        raise TypeError(f"resume_from must be a VolumeResult, got {type(prev).__name__}")
+    if prev.seed != seed:
+        raise ValueError(f"resume_from was made with seed={prev.seed}, this run has seed={seed}")
+    made_with = (prev.meta.get("adaptive") or {}).get("n_per_round", n_per_round)
+    if made_with != n_per_round:
+        raise ValueError(
+            f"resume_from was made with n_per_round={made_with}, this run has {n_per_round}: "
+            "the rounds must stay the same"
+        )
+    if prev.n_samples > rounds * n_per_round:
+        raise ValueError(
+            f"resume_from already has {prev.n_samples} directions, more than rounds x "
+            f"n_per_round = {rounds * n_per_round}"
+        )
+    return prev.records()
 
 
 def _fit_curvature(feats, log_kappa, sizes, ridge, a_start, *, max_change: float = 100.0):

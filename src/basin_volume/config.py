@@ -340,12 +340,19 @@ class VolumeEstimator:
         """
         cfg = self.config
         adaptive = cfg.preconditioner_type is PreconditionerType.ADAPTIVE
-        if adaptive and (resume_from is not None or self.low_memory):
+        if adaptive and self.low_memory:
             raise ValueError(
-                "preconditioner_type='adaptive' cannot "
-                + ("resume a run" if resume_from is not None else "run in low_memory mode")
-                + "; use preconditioner_type='fisher' or 'adam' (or low_memory=False)"
+                "preconditioner_type='adaptive' cannot run in low_memory mode (its proposals "
+                "may be dense); use low_memory=False, or preconditioner_type='fisher' or 'adam'"
             )
+        if adaptive and resume_from is not None:
+            old = resume_from.meta.get("config") or {}
+            for name in ("n_samples", "adaptive_rounds"):
+                if old.get(name, getattr(cfg, name)) != getattr(cfg, name):
+                    raise ValueError(
+                        f"an adaptive run resumes with the rounds it started with: {name} was "
+                        f"{old[name]!r}, now {getattr(cfg, name)!r}; keep it, or start a new run"
+                    )
         pre = self.preconditioner
         settings = dict(
             cutoff=cfg.cutoff,
@@ -363,6 +370,7 @@ class VolumeEstimator:
                     self.center,
                     rounds=cfg.adaptive_rounds,
                     n_per_round=cfg.n_samples // cfg.adaptive_rounds,
+                    resume_from=resume_from,
                     preconditioner=pre,
                     model_batch_size=cfg.model_batch_size,
                     **settings,
