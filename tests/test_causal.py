@@ -184,7 +184,7 @@ def test_auto_cache_placement():
 def test_auto_without_room_recomputes_with_a_warning(model, tokenizer, dataset, monkeypatch):
     import basin_volume.causal as causal
 
-    monkeypatch.setattr(causal, "_available_ram_bytes", lambda: 0)
+    monkeypatch.setattr(causal, "available_ram_bytes", lambda: 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tokenizer has no pad token")
         with pytest.warns(UserWarning, match="recomputed"):

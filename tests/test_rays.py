@@ -180,13 +180,13 @@ def test_host_cache_gives_identical_results_and_draws_each_direction_once(monkey
             torch.rand(dim, generator=torch.Generator().manual_seed(2)) + 0.1
         )
     draws = []
-    real = directions._normal_chunk
+    real = directions._fill_chunk
 
-    def counted(seed, index, dim, c):
+    def counted(out, seed, index, c):
         draws.append(index)
-        return real(seed, index, dim, c)
+        return real(out, seed, index, c)
 
-    monkeypatch.setattr(directions, "_normal_chunk", counted)
+    monkeypatch.setattr(directions, "_fill_chunk", counted)
     results = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bv.LowESSWarning)
@@ -196,6 +196,7 @@ def test_host_cache_gives_identical_results_and_draws_each_direction_once(monkey
                 fn, list(model.parameters()), seed=3, preconditioner=pre, host_cache=cache
             )
             results[cache] = run_rays(rays, **SETTINGS)
+            assert rays._buffer is None  # released at the end of the run
             per_direction = len(draws) / -(-dim // 37) / SETTINGS["n_samples"]
             if cache:
                 assert per_direction == 1  # generated once, reused by every evaluation
@@ -205,3 +206,5 @@ def test_host_cache_gives_identical_results_and_draws_each_direction_once(monkey
                 )
     for name in ("estimates", "radii", "props", "n_evals"):
         assert torch.equal(getattr(results[True], name), getattr(results[False], name)), name
+    # on the CPU the cache would be a second copy of the parameters: off by default
+    assert not InPlaceRays(fn, list(model.parameters()), seed=3, preconditioner=None).host_cache

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import default_device, wide_dtype
+from .devices import available_ram_bytes, default_device, wide_dtype
 from .objectives import kl_from_logprobs
 from .parameters import FlatParameters, preserved
 
@@ -96,13 +96,6 @@ def _free_accelerator_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _available_ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def choose_cache_device(
     cache_mode: CacheMode | str | None,
     nbytes: int,
@@ -145,7 +138,7 @@ def choose_cache_device(
             budget_bytes = free // 2 if free is not None else 0
         if nbytes <= budget_bytes:
             return device
-    ram = _available_ram_bytes() if free_ram_bytes is None else free_ram_bytes
+    ram = available_ram_bytes() if free_ram_bytes is None else free_ram_bytes
     if ram is None or nbytes <= ram // 2:
         return cpu
     return None

@@ -657,6 +657,12 @@ def _check_data_args(args, loaded: LoadedModel) -> None:
             "--data",
             f"--model {args.model} brings its own data, so --data is not used; leave it out",
         )
+    if loaded.estimate is not None and getattr(args, "compile", False):
+        raise UsageError(
+            "--compile",
+            f"--model {args.model} returns fn and center, not a model to compile; leave "
+            "--compile out (compile inside the function instead)",
+        )
     if loaded.model_type in ("mlp", "classifier", "function"):
         for name in ("val_size", "max_seq_len", "cache_mode"):
             if getattr(args, name) is not None:

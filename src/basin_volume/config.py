@@ -193,6 +193,11 @@ class VolumeConfig:
             raise ValueError(
                 f"adam_order must be 1 (exp_avg) or 2 (exp_avg_sq), got {self.adam_order!r}"
             )
+        if not isinstance(self.compile, bool | dict):
+            raise TypeError(
+                f"compile must be True, False or a dict of torch.compile arguments, got "
+                f"{self.compile!r}"
+            )
         rounds = self.adaptive_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"adaptive_rounds must be a positive integer, got {rounds!r}")

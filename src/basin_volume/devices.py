@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["default_device", "wide_dtype"]
+__all__ = ["available_ram_bytes", "default_device", "wide_dtype"]
 
 
 def wide_dtype(device: torch.device | str) -> torch.dtype:
@@ -32,3 +32,11 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_ram_bytes() -> int | None:
+    """Host memory available now (``None`` where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -48,7 +48,10 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
-    atexit.register(_shutdown)  # a group left alive at exit can abort the process (gloo)
+    if backend == "gloo":
+        # A gloo group left alive at exit can abort the process; NCCL's teardown waits for
+        # the peers, which would hang a rank that exits on an error, so it is left to exit.
+        atexit.register(_shutdown)
     return dist.get_world_size() > 1
 
 
@@ -92,9 +95,9 @@ def from_rank0(compute: Callable[[], T]) -> T:
     process group simply ``compute()``.
 
     A tensor travels by :func:`torch.distributed.broadcast` (no pickling of large data) and
-    comes back on the CPU; anything else by :func:`broadcast_object`. An exception on rank 0
-    is raised there and reported on every other rank, so no rank waits for a value that will
-    never come. A collective call: every rank must make it.
+    comes back on the CPU on every rank; anything else by :func:`broadcast_object`. An
+    exception on rank 0 is raised there and reported on every other rank, so no rank waits
+    for a value that will never come. A collective call: every rank must make it.
     """
     rank, size = world()
     if size == 1:
@@ -107,6 +110,7 @@ def from_rank0(compute: Callable[[], T]) -> T:
             broadcast_object(("error", f"{type(err).__name__}: {err}"))
             raise
         if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous()
             head = ("tensor", tuple(value.shape), value.dtype)
         else:
             head = ("object", value)
@@ -120,7 +124,7 @@ def from_rank0(compute: Callable[[], T]) -> T:
     _, shape, dtype = head
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     buf = value.to(device) if rank == 0 else torch.empty(shape, dtype=dtype, device=device)
     dist.broadcast(buf, src=0)
-    return value if rank == 0 else buf.cpu()
+    return buf.cpu()

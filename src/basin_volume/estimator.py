@@ -360,6 +360,7 @@ def run_rays(
     finally:
         bar.close()
         rays.restore()
+        getattr(rays, "release", lambda: None)()
 
     result = VolumeResult.from_records(
         records,

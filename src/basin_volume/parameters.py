@@ -30,8 +30,9 @@ class FlatParameters:
         Evaluate the model through :func:`torch.compile` (``True``, or a dict of its keyword
         arguments such as ``{"mode": "max-autotune"}``). Compiled kernels may round
         differently from eager ones, so estimates agree to float precision, not bit for
-        bit. Off by default: compiling costs seconds to minutes up front and pays off for
-        large models on GPUs.
+        bit. Batched evaluations (several directions in one :func:`torch.func.vmap` call)
+        run eagerly, since compiled code cannot run under ``vmap``. Off by default:
+        compiling costs seconds to minutes up front and pays off for large models on GPUs.
     """
 
     def __init__(self, model: nn.Module, *, compile: bool | dict | None = None):
@@ -84,11 +85,18 @@ class FlatParameters:
         """
         if theta is None:
             return self._model_call(*args, **kwargs)
+        if _is_batched(theta):  # under torch.func.vmap, which compiled code cannot enter
+            return _functional(self.model, self.as_dict(theta), args, kwargs)
         return self._functional_call(self.model, self.as_dict(theta), args, kwargs)
 
 
 def _functional(model: nn.Module, params: dict, args: tuple, kwargs: dict):
     return functional_call(model, params, args, kwargs)
+
+
+def _is_batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a :func:`torch.func.vmap` batch (the level API is private)."""
+    return bool(torch._C._functorch.is_batchedtensor(tensor))
 
 
 @contextlib.contextmanager

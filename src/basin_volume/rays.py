@@ -18,13 +18,14 @@ Both accumulate the norms and :math:`\omega\cdot\theta_0` in float64.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import directions
-from .devices import wide_dtype
+from .devices import available_ram_bytes, wide_dtype
 from .directions import normal_chunks, normal_vector, sample_direction
 from .preconditioners import DiagonalPreconditioner, Preconditioner
 
@@ -147,11 +148,12 @@ class InPlaceRays:
     preconditioner : DiagonalPreconditioner, optional
         Only diagonal preconditioners can be applied chunk by chunk.
     host_cache : bool, optional
-        Keep the current direction's normal vector in host memory (float32, pinned for
-        CUDA), generated once per direction by ``torch.get_num_threads()`` threads, instead
-        of regenerating it chunk by chunk at every evaluation. Default: on when the model
-        lives on an accelerator (host memory is not the model's), off on the CPU (where it
-        would be a second copy of the parameters).
+        Keep the current direction's normal vector in one host buffer (float32, pinned for
+        CUDA when possible), refilled once per direction by ``torch.get_num_threads()``
+        threads, instead of regenerating it chunk by chunk at every evaluation. Default: on
+        when the model lives on an accelerator and the buffer takes under a quarter of the
+        available host memory (shared by the processes on this machine); off on the CPU,
+        where it would be a second copy of the parameters. :meth:`release` frees it.
     """
 
     def __init__(
@@ -201,8 +203,15 @@ class InPlaceRays:
             )
         self.index, self.v_norm = -1, math.nan
         self.v_norm_of: dict[int, float] = {}
-        self.host_cache = self.device.type != "cpu" if host_cache is None else bool(host_cache)
-        self._cached: tuple[int, torch.Tensor] | None = None
+        if host_cache is None:
+            ram = available_ram_bytes()
+            share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            host_cache = self.device.type != "cpu" and (
+                ram is None or 4 * self.dim * share < ram / 4
+            )
+        self.host_cache = bool(host_cache)
+        self._buffer: torch.Tensor | None = None  # the cached direction's normals
+        self._buffered = -1  # which direction the buffer holds
         # flat offset of each parameter
         self.offsets = [0]
         for p in self.params:
@@ -213,18 +222,32 @@ class InPlaceRays:
         if not self.host_cache:
             yield from normal_chunks(self.seed, index, self.dim)
             return
-        if self._cached is None or self._cached[0] != index:
-            self._cached = None  # free the last direction before drawing the next
-            z = normal_vector(self.seed, index, self.dim, workers=torch.get_num_threads())
-            self._cached = (index, z.pin_memory() if self.device.type == "cuda" else z)
-        z = self._cached[1]
+        if self._buffer is None:
+            self._buffer = torch.empty(self.dim, dtype=torch.float32)
+            if self.device.type == "cuda":
+                try:
+                    self._buffer = self._buffer.pin_memory()
+                except RuntimeError:  # no pinned memory to be had: pageable copies work too
+                    pass
+        if self._buffered != index:
+            if self.device.type == "cuda":  # copies from the buffer may still be in flight
+                torch.cuda.synchronize(self.device)
+            self._buffered = -1
+            normal_vector(
+                self.seed, index, self.dim, workers=torch.get_num_threads(), out=self._buffer
+            )
+            self._buffered = index
         for start in range(0, self.dim, directions.CHUNK_SIZE):
-            yield start, z[start : start + directions.CHUNK_SIZE]
+            yield start, self._buffer[start : start + directions.CHUNK_SIZE]
+
+    def release(self) -> None:
+        """Free the host buffer of :attr:`host_cache` (it is made again when needed)."""
+        self._buffer, self._buffered = None, -1
 
     def _chunks(self, index: int):
         """Yield (start, z chunk on the CPU, P z chunk in float64 on the device)."""
         for start, z in self._normals(index):
-            v = z.to(self.device, self.wide, non_blocking=True)
+            v = z.to(self.device, self.wide, non_blocking=z.is_pinned())
             if self.scales is not None:
                 v = v * self.scales[start : start + v.numel()].to(self.wide)
             yield start, z, v
@@ -246,7 +269,7 @@ class InPlaceRays:
         self.index = index
         z_sq = v_sq = dot = 0.0
         for start, z_chunk, v in self._chunks(index):
-            z_sq += float(z_chunk.to(self.wide).square().sum())
+            z_sq += float(z_chunk.double().square().sum())  # on the CPU: float64 even for MPS
             v_sq += float(v.square().sum())
             for j, in_p, in_c in self._pieces(start, v.numel()):
                 dot += float(v[in_c] @ self.saved[j].view(-1)[in_p].to(self.wide))

@@ -58,7 +58,7 @@ import torch
 
 from .adaptive import PreconditionerType
 from .config import VolumeConfig, VolumeEstimator
-from .distributed import broadcast_object, from_rank0, init_from_env, world
+from .distributed import from_rank0, init_from_env, world
 from .estimator import Measure, estimate
 from .result import DirectionRecord, ResultFileError, VolumeResult
 
@@ -761,26 +761,20 @@ def run_to_file(
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: pick one")
-    distributed = init_from_env()
-    rank, _ = world()
+    init_from_env()
     spec = dict(spec or {})
+    # Under torchrun rank 0 alone reads and writes files; the other ranks learn its outcome
+    # (or its error) through from_rank0, each step a collective call on every rank.
+    paths = from_rank0(lambda: _check_output(output, resume=resume, overwrite=overwrite))
+    job = _job(source)
     run: _OpenRun | None = None
-    if rank == 0:  # under torchrun rank 0 alone reads and writes files
-        try:
-            paths = _check_output(output, resume=resume, overwrite=overwrite)  # before any work
-            job = _job(source)
-            run = _open_run(job, *paths, resume=resume, spec=spec)
-        except BaseException as err:
-            if distributed:
-                broadcast_object((None, f"{type(err).__name__}: {err}"))
-            raise
-    else:
-        job = _job(source)
-    prev = run.prev if run is not None else None
-    if distributed:
-        prev, failure = broadcast_object((prev, None))
-        if failure is not None:
-            raise RuntimeError(f"rank 0 could not start the run: {failure}")
+
+    def open_run() -> VolumeResult | None:
+        nonlocal run
+        run = _open_run(job, *paths, resume=resume, spec=spec)
+        return run.prev
+
+    prev = from_rank0(open_run)
     if run is None:  # another rank: records reach rank 0 through the estimator
         return job.run(lambda record: None, prev)
 
