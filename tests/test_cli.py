@@ -216,6 +216,7 @@ def test_tiny_lm_end_to_end(tiny_lm, tmp_path, capsys):
         ("compare {tmp}/exists.json --reference 3", "--reference"),
         ("estimate --model {tmp}/models.py:ball --preconditioner fisher -q", "--preconditioner"),
         ("estimate --model {tmp}/models.py:ball --preconditioner adaptive -q", "--preconditioner"),
+        ("estimate --model {tmp}/models.py:ball --compile -q", "--compile"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_option(command, option, tmp_path, capsys):
