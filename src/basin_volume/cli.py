@@ -285,9 +285,9 @@ class LoadedModel:
 def _device(name: str):
     import torch
 
-    if name == "auto":  # under torchrun, each process its own GPU
-        from .devices import default_device
+    from .devices import default_device
 
+    if name == "auto":  # under torchrun, each process its own GPU
         return default_device()
     try:
         device = torch.device(name)
@@ -298,8 +298,6 @@ def _device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "CUDA is not available here; use --device cpu or auto")
     if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
-        from .devices import default_device
-
         return default_device()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device", "MPS is not available here; use --device cpu or auto")

@@ -28,7 +28,7 @@ from .devices import default_device
 from .distributed import from_rank0, init_from_env
 from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
-from .parameters import preserved
+from .parameters import compile_options, preserved
 from .preconditioners import as_preconditioner
 from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
@@ -193,11 +193,7 @@ class VolumeConfig:
             raise ValueError(
                 f"adam_order must be 1 (exp_avg) or 2 (exp_avg_sq), got {self.adam_order!r}"
             )
-        if not isinstance(self.compile, bool | dict):
-            raise TypeError(
-                f"compile must be True, False or a dict of torch.compile arguments, got "
-                f"{self.compile!r}"
-            )
+        compile_options(self.compile)  # checked now, not after a model download
         rounds = self.adaptive_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"adaptive_rounds must be a positive integer, got {rounds!r}")

@@ -360,7 +360,7 @@ def run_rays(
     finally:
         bar.close()
         rays.restore()
-        getattr(rays, "release", lambda: None)()
+        rays.release()
 
     result = VolumeResult.from_records(
         records,

@@ -54,13 +54,8 @@ class FlatParameters:
         self.dtype = dtypes.pop()
         self.device = devices.pop()
         self._model_call, self._functional_call = model, _functional
-        if compile is not None and compile is not False:
-            if not (compile is True or isinstance(compile, dict)):
-                raise TypeError(
-                    f"compile must be True, False or a dict of torch.compile arguments, got "
-                    f"{compile!r}"
-                )
-            options = {} if compile is True else dict(compile)
+        options = compile_options(compile)
+        if options is not None:
             self._model_call = torch.compile(model, **options)
             self._functional_call = torch.compile(_functional, **options)
 
@@ -88,6 +83,17 @@ class FlatParameters:
         if _is_batched(theta):  # under torch.func.vmap, which compiled code cannot enter
             return _functional(self.model, self.as_dict(theta), args, kwargs)
         return self._functional_call(self.model, self.as_dict(theta), args, kwargs)
+
+
+def compile_options(compile: bool | dict | None) -> dict | None:
+    """The :func:`torch.compile` arguments a ``compile`` setting asks for (``None``: off)."""
+    if compile is None or compile is False:
+        return None
+    if not (compile is True or isinstance(compile, dict)):
+        raise TypeError(
+            f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}"
+        )
+    return {} if compile is True else dict(compile)
 
 
 def _functional(model: nn.Module, params: dict, args: tuple, kwargs: dict):

@@ -133,6 +133,9 @@ class DenseRays:
     def restore(self) -> None:
         self.omega, self.omegas = None, []
 
+    def release(self) -> None:
+        """Nothing to free: directions live only while their search runs."""
+
 
 class InPlaceRays:
     """Rays evaluated by writing :math:`\\theta_0 + t\\omega` into ``params`` in place.
