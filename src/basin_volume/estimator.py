@@ -50,7 +50,7 @@ from .radius import RayResult, RayStatus, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult
 
-__all__ = ["Measure", "RadiusSearchWarning", "estimate", "run_rays"]
+__all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
 
 
 WARMUP = 16
@@ -64,6 +64,84 @@ class Measure(enum.StrEnum):
     """Probability under the prior N(0, sigma^2 I): where a random initialisation lands."""
     UNIFORM = "uniform"
     """Lebesgue volume of the basin."""
+
+
+class Method(enum.StrEnum):
+    """How the basin's measure is estimated."""
+
+    AUTO = "auto"
+    """``"smc"`` where it applies, else ``"is"`` (see :func:`estimate`)."""
+    SMC = "smc"
+    """Sequential Monte Carlo along a Gaussian-cooling path (:mod:`basin_volume.smc`)."""
+    IS = "is"
+    """Importance sampling from one proposal: fast, but a lower bound unless its ESS is high."""
+
+
+def _resolve_method(method, pre, *, resume_from, callback) -> Method:
+    try:
+        method = Method(method)
+    except ValueError:
+        raise ValueError(f"method must be 'auto', 'smc' or 'is', got {method!r}") from None
+    if method is not Method.AUTO:
+        if method is Method.SMC and (resume_from is not None or callback is not None):
+            raise ValueError(
+                "method='smc' does not take resume_from or callback (an SMC run is not a "
+                "sequence of independent directions); use method='is' for those"
+            )
+        return method
+    simple = pre is None or type(pre).__name__ == "DiagonalPreconditioner"
+    if resume_from is not None or callback is not None or not simple:
+        return Method.IS
+    return Method.SMC
+
+
+def _default_max_radius(measure: Measure, norm_c: float, sigma: float, dim: int) -> float:
+    if measure is Measure.GAUSSIAN:
+        return norm_c + sigma * (math.sqrt(dim) + 50.0)
+    return 1e6 * max(norm_c, 1.0)
+
+
+def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
+                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
+    from .smc_estimate import estimate_smc
+
+    try:
+        measure = Measure(measure)
+    except ValueError:
+        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
+    for name, value in (("n_samples", n_samples), ("replicas", replicas),
+                        ("n_moves", n_moves), ("max_evals", max_evals)):
+        _check_positive(name, value, integer=True)
+    _check_positive("cutoff", cutoff)
+    _check_positive("rtol", rtol)
+    if budget is not None:
+        _check_positive("budget", budget, integer=True)
+    if n_samples < 16:
+        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {n_samples}")
+    dim = center.numel()
+    norm_c = float(torch.linalg.vector_norm(center.double()))
+    sigma = _resolve_sigma(sigma, norm_c, dim, measure)
+    if max_radius is None:
+        max_radius = _default_max_radius(measure, norm_c, sigma, dim)
+    if model_batch_size > 1 and batch_fn is None:
+        batch_fn = _vmapped_or_none(fn, center)
+    result = estimate_smc(
+        fn, center, n_particles=n_samples, replicas=replicas, n_moves=n_moves, cutoff=cutoff,
+        sigma=sigma, measure=measure.value, preconditioner=pre, rtol=rtol, seed=seed,
+        progress=progress, max_evals=max_evals, max_radius=max_radius, budget=budget,
+        batch_fn=batch_fn, model_batch_size=model_batch_size,
+        meta={
+            "device": str(center.device),
+            "dtype": str(center.dtype).removeprefix("torch."),
+            "preconditioner": None if pre is None else type(pre).__name__,
+            "max_radius": max_radius,
+            "torch_version": torch.__version__,
+            "basin_volume_version": _version(),
+            "n_moves": n_moves,
+        },
+    )
+    result.warn_if_unreliable(stacklevel=4)
+    return result
 
 
 class RadiusSearchWarning(RuntimeWarning):
@@ -140,6 +218,10 @@ def estimate(
     resume_from: VolumeResult | None = None,
     model_batch_size: int = 1,
     batch_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    method: Method | str = "auto",
+    budget: int | None = None,
+    replicas: int = 4,
+    n_moves: int = 3,
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -151,7 +233,8 @@ def estimate(
     center : torch.Tensor
         The trained parameters :math:`\theta_0`, 1-D, finite, on any device.
     n_samples : int
-        Number of random directions.
+        Number of random directions (``method="is"``), or particles per replica
+        (``method="smc"``).
     cutoff : float
         :math:`\varepsilon > 0`, in the units of ``fn`` (nats for a KL basin).
     measure : {"gaussian", "uniform"}
@@ -189,11 +272,25 @@ def estimate(
         Directions searched together after the first :data:`WARMUP`: their pending radii are
         evaluated in one call of ``batch_fn``. Pays off for small models and on GPUs. The
         per-direction results are those of a sequential run (up to the float rounding of
-        batched arithmetic).
+        batched arithmetic). With ``method="smc"``: points per call of ``batch_fn``.
     batch_fn : callable, optional
         ``batch_fn(thetas) -> values`` for ``thetas`` of shape ``[B, D]``. Default with
         ``model_batch_size > 1``: ``torch.func.vmap(fn)``, falling back to one call per
         point (with a warning) if ``fn`` cannot be vmapped.
+    method : {"auto", "smc", "is"}
+        ``"smc"``: sequential Monte Carlo along a Gaussian-cooling path
+        (:mod:`basin_volume.smc`), right where importance sampling is a lower bound, with an
+        interval from independent replicas. ``"is"``: importance sampling from one proposal
+        (fast; trustworthy only when the ESS is high). ``"auto"`` (default): ``"smc"``,
+        except in memory-light mode, under torchrun, with ``resume_from`` or ``callback``,
+        or with a non-diagonal preconditioner, where it is ``"is"``.
+    budget : int, optional
+        Cap on the total number of evaluations of ``fn`` (``method="smc"``);
+        :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when it runs out.
+    replicas : int
+        Independent SMC runs pooled into the estimate; their spread gives the interval.
+    n_moves : int
+        Metropolis-Hastings moves per particle and level (``method="smc"``).
 
     Returns
     -------
@@ -222,6 +319,14 @@ def estimate(
     _check_seed(seed)
     pre = as_preconditioner(preconditioner, center.numel())
     _check_positive("model_batch_size", model_batch_size, integer=True)
+    method = _resolve_method(method, pre, resume_from=resume_from, callback=callback)
+    if method is Method.SMC:
+        return _estimate_smc(
+            fn, center, pre, n_samples=n_samples, cutoff=cutoff, measure=measure, sigma=sigma,
+            rtol=rtol, seed=seed, progress=progress, max_evals=max_evals,
+            max_radius=max_radius, budget=budget, replicas=replicas, n_moves=n_moves,
+            batch_fn=batch_fn, model_batch_size=model_batch_size,
+        )
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)
     rays = DenseRays(fn, center, seed=seed, preconditioner=pre, batch_fn=batch_fn)
@@ -308,10 +413,7 @@ def run_rays(
     dim, norm_c = rays.dim, rays.center_norm
     sigma = _resolve_sigma(sigma, norm_c, dim, measure)
     if max_radius is None:
-        if measure is Measure.GAUSSIAN:
-            max_radius = norm_c + sigma * (math.sqrt(dim) + 50.0)
-        else:
-            max_radius = 1e6 * max(norm_c, 1.0)
+        max_radius = _default_max_radius(measure, norm_c, sigma, dim)
     _check_positive("max_radius", max_radius)
     if resume_from is not None:
         _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)

@@ -36,6 +36,7 @@ _TENSOR_FIELDS = (
     "slopes",
 )
 LOW_ESS = 5.0
+SMC_SPREAD = 2.0  # nats: replicas of a converged SMC run agree better than this
 
 
 class LowESSWarning(RuntimeWarning):
@@ -142,7 +143,15 @@ class VolumeResult:
     seed : int
         Seed of the run; direction ``k`` depends only on ``seed`` and ``k``.
     meta : dict
-        Anything else worth keeping (configuration, versions, device, timings).
+        Anything else worth keeping (configuration, versions, device, timings; for
+        ``method="smc"`` the sampler's diagnostics under ``meta["smc"]``).
+    method : str
+        ``"is"``: importance sampling, ``log_volume`` is the log-mean-exp of ``estimates``.
+        ``"smc"``: :mod:`basin_volume.smc`; ``log_volume`` pools the independent
+        ``replicas`` and the rows are the final particles of every replica, with
+        ``estimates`` their :math:`\log A_D + \log I(\omega)` (uniform-proposal weights).
+    replicas : tuple of float
+        ``method="smc"``: each independent replica's estimate of :math:`\log\mu`.
     """
 
     estimates: torch.Tensor
@@ -161,8 +170,14 @@ class VolumeResult:
     rtol: float
     seed: int
     meta: dict = field(default_factory=dict)
+    method: str = "is"
+    replicas: tuple[float, ...] = ()
 
     def __post_init__(self):
+        if self.method not in ("is", "smc"):
+            raise ValueError(f"VolumeResult.method must be 'is' or 'smc', got {self.method!r}")
+        if self.method == "smc" and not self.replicas:
+            raise ValueError("VolumeResult.replicas must hold the replicas' estimates for 'smc'")
         n = len(self.status)
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
@@ -217,7 +232,12 @@ class VolumeResult:
 
     @property
     def log_volume(self) -> float:
-        """Log-mean-exp of ``estimates``: log probability (Gaussian) or log volume (uniform)."""
+        """Log probability (Gaussian) or log volume (uniform), nats.
+
+        The log-mean-exp of ``estimates`` (importance sampling) or of ``replicas`` (SMC).
+        """
+        if self.method == "smc":
+            return _logmeanexp(torch.tensor(self.replicas, dtype=torch.float64))
         return _logmeanexp(self.estimates)
 
     @property
@@ -231,10 +251,17 @@ class VolumeResult:
         return -self.log_volume
 
     def _weights(self) -> torch.Tensor:
-        finite = self.estimates[torch.isfinite(self.estimates)]
-        if finite.numel() != self.estimates.numel() or finite.numel() == 0:
-            return torch.full_like(self.estimates, math.nan)
-        return torch.exp(self.estimates - self.estimates.max())
+        logs = self._log_terms()
+        finite = logs[torch.isfinite(logs)]
+        if finite.numel() != logs.numel() or finite.numel() == 0:
+            return torch.full_like(logs, math.nan)
+        return torch.exp(logs - logs.max())
+
+    def _log_terms(self) -> torch.Tensor:
+        """The unbiased terms pooled by ``log_volume``: directions, or SMC replicas."""
+        if self.method == "smc":
+            return torch.tensor(self.replicas, dtype=torch.float64)
+        return self.estimates
 
     @property
     def ess(self) -> float:
@@ -278,6 +305,8 @@ class VolumeResult:
         """
         if not 0 < level < 1:
             raise ValueError(f"level must be in (0, 1), got {level}")
+        if self.method == "smc":
+            return self._replica_interval(level)
         n = self.n_samples
         if n < 2 or not bool(torch.isfinite(self.estimates).all()):
             return (-math.inf, math.inf) if n < 2 else (self.log_volume, self.log_volume)
@@ -290,9 +319,36 @@ class VolumeResult:
         )
         return float(q[0]), float(q[1])
 
+    def _replica_interval(self, level: float) -> tuple[float, float]:
+        r"""Student-t interval from the spread of the replicas' :math:`\log\hat\mu_r`.
+
+        Each replica is an independent run, so the spread measures the method's own
+        variance (not a resampling of one run's directions).
+        """
+        logs = torch.tensor(self.replicas, dtype=torch.float64)
+        if logs.numel() < 2 or not bool(torch.isfinite(logs).all()):
+            return (-math.inf, math.inf) if logs.numel() < 2 else (self.log_volume,) * 2
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf((1 + level) / 2, logs.numel() - 1)) * float(
+            logs.std() / math.sqrt(logs.numel())
+        )
+        return self.log_volume - half, self.log_volume + half
+
     def warn_if_unreliable(self, *, stacklevel: int = 2) -> None:
         """Warn when the ESS is low (the estimate is then likely a lower bound)."""
         ess = self.ess
+        if self.method == "smc":
+            spread = torch.tensor(self.replicas, dtype=torch.float64).std()
+            if len(self.replicas) >= 2 and not float(spread) <= SMC_SPREAD:
+                warnings.warn(
+                    f"the {len(self.replicas)} SMC replicas disagree (standard deviation "
+                    f"{float(spread):.3g} nats): the estimate is not converged; raise "
+                    "n_samples (particles) or budget",
+                    LowESSWarning,
+                    stacklevel=stacklevel,
+                )
+            return
         if self.n_samples >= 2 and ess < min(LOW_ESS, 0.5 * self.n_samples):
             warnings.warn(
                 f"effective sample size {ess:.2f} of {self.n_samples} directions (the top "
@@ -311,13 +367,20 @@ class VolumeResult:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", LowESSWarning)
                 lo, hi = self.interval(0.95)
-            lines.append(f"95% bootstrap interval: [{lo:.6g}, {hi:.6g}]")
+            kind = "replica" if self.method == "smc" else "bootstrap"
+            lines.append(f"95% {kind} interval: [{lo:.6g}, {hi:.6g}]")
         lines.append(
             f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
             f"{self.top_weight_share:.2f}, mean evaluations per direction "
             f"{self.n_evals.double().mean().item():.2f}"
         )
-        if self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples):
+        if self.method == "smc":
+            info = self.meta.get("smc", {})
+            lines.append(
+                f"method: SMC, {len(self.replicas)} replicas, levels {info.get('levels')}, "
+                f"objective evaluations {int(self.n_evals.sum())} in all"
+            )
+        elif self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples):
             lines.append("warning: ESS is low, so the estimate is likely a lower bound")
         if self.n_failed:
             counts = {s: self.status.count(s) for s in sorted(set(self.status)) if s != "converged"}
@@ -338,7 +401,7 @@ class VolumeResult:
             raise ValueError("merge needs at least one result")
         first = results[0]
         for other in results[1:]:
-            for name in ("dim", "measure", "cutoff", "rtol"):
+            for name in ("dim", "measure", "cutoff", "rtol", "method"):
                 if getattr(other, name) != getattr(first, name):
                     raise ValueError(
                         f"cannot merge results with different {name}: "
@@ -368,6 +431,8 @@ class VolumeResult:
             rtol=first.rtol,
             seed=first.seed,
             meta=meta,
+            method=first.method,
+            replicas=tuple(x for r in results for x in r.replicas),
         )
 
     # ------------------------------------------------------------------ files
@@ -379,7 +444,7 @@ class VolumeResult:
             if isinstance(value, torch.Tensor):
                 out[f.name] = [_encode(v) for v in value.tolist()]
             elif isinstance(value, tuple):
-                out[f.name] = list(value)
+                out[f.name] = [_encode(v) if isinstance(v, float) else v for v in value]
             elif isinstance(value, float):
                 out[f.name] = _encode(value)
             else:
@@ -421,6 +486,11 @@ class VolumeResult:
                 kwargs[name] = data[name]
             for name in ("cutoff", "sigma", "rtol"):
                 kwargs[name] = float(_decode(data[name]))
+            kwargs["method"] = data.get("method", "is")  # files before SMC existed: "is"
+            replicas = data.get("replicas", [])
+            if not isinstance(replicas, list):
+                raise ResultFileError("field 'replicas' must be a list")
+            kwargs["replicas"] = tuple(float(_decode(v)) for v in replicas)
         except KeyError as err:
             raise ResultFileError(f"missing field {err.args[0]!r}") from None
         try:

@@ -1,0 +1,354 @@
+r"""Sequential Monte Carlo over directions along a Gaussian-cooling path.
+
+The basin's measure is :math:`\mu(K) = A_D\,\mathbb{E}_{\omega}[I(\omega)]` (see
+:mod:`basin_volume.estimator`). Importance sampling draws :math:`\omega` from one fixed proposal
+and fails when :math:`\log I(\omega)/q(\omega)` varies by more than a few nats; this sampler
+instead follows a path of measures along which every step is easy.
+
+**The path.** For a precision :math:`a` let :math:`G_a = N(m_a, I/a)` with
+:math:`m_a = \theta_0(1 - a_1/a)`, where :math:`a_1 = 1/\sigma^2` for the Gaussian prior and
+:math:`a_1 = 0` for the uniform measure. At large :math:`a`, :math:`G_a` is a tiny Gaussian at
+:math:`\theta_0` lying almost entirely inside the basin; at :math:`a = a_1` it is the prior;
+for the uniform measure the path ends, past :math:`a \to 0`, at Lebesgue measure. Along any
+ray from :math:`\theta_0` (with :math:`c = \omega\cdot\theta_0`)
+
+.. math::
+
+    I_a(\omega, r) = \int_0^r G_a(\theta_0 + t\omega)\, t^{D-1} dt
+      = \left(\tfrac{a}{2\pi}\right)^{D/2} e^{-\lVert\theta_0\rVert^2 a_1^2 / 2a}\,
+        J(r;\ D-1,\ a,\ -a_1 c),
+
+so :math:`Z_a = G_a(K) = A_D\,\mathbb{E}_\omega[I_a(\omega, r(\omega))]` and the radius
+:math:`r(\omega)` of the basin never changes along the path: moving from :math:`a` to
+:math:`a'` reweights every particle by :math:`I_{a'}/I_a` *without evaluating the objective*.
+This is Gaussian cooling (Lovász & Vempala; Cousins & Vempala) in polar coordinates.
+
+**The sampler.** Particles are directions with their radii. It starts from :math:`N` draws of
+the uniform law, weighted to :math:`\pi_{a_0} \propto I_{a_0}` by the fraction of
+:math:`G_{a_0}`'s ray mass inside the basin (:math:`a_0` chosen so that the effective sample
+size, ESS, stays above 90%), then repeats: pick the next :math:`a` by bisection so the ESS of
+the incremental weights is half the particles; multiply the estimate by their mean; resample;
+move every particle with Metropolis-Hastings steps that leave
+:math:`\pi_a(\omega) \propto I_a(\omega, r(\omega))` invariant. The product of the mean
+incremental weights is an unbiased estimate of :math:`\mu(K)` (Del Moral, Doucet & Jasra 2006),
+whose logarithm :func:`smc_sampler` returns.
+
+**The moves** learn the basin's shape. Each level fits a normal law :math:`N(m, C)` to the
+particles' points :math:`\theta - \theta_0 = R\omega` (with :math:`R` drawn along each ray from
+:math:`G_a` restricted to :math:`[0, r]`), diagonal or dense. The particles are lifted to
+:math:`x = R\omega` with :math:`R` from the normal's law given the direction
+(:meth:`~basin_volume.projected_normal.ProjectedNormal.radial`), which makes
+:math:`\pi_a(\hat x)/q(\hat x)\cdot N(x; m, C)` the lifted target (:math:`q` the projected
+normal density, :math:`\hat x = x/\lVert x\rVert`). A preconditioned Crank-Nicolson proposal
+:math:`x' = m + \sqrt{1-\rho^2}(x - m) + \rho\, C^{1/2} z` preserves :math:`N(m, C)`, so it is
+accepted with probability :math:`\min(1, w(\hat x')/w(\hat x))`, :math:`w = \pi_a/q`: when the
+fit is good every move is accepted, whatever the dimension. :math:`\rho` adapts to an
+acceptance rate near 30%.
+
+**A shortcut.** Before any of this, :math:`N` directions from a *start proposal*
+(the user's preconditioner, else the prior-ray law for the Gaussian measure, else uniform)
+are importance-weighted to the target; if their ESS is at least half of :math:`N` the plain
+importance-sampling estimate is returned (a one-level SMC). This is exact for a basin that is
+the whole space (every prior-ray weight is 1) and for a proposal matched to the basin.
+
+The sampler is a generator, like :func:`basin_volume.radius.radius_search`: it yields batches
+of directions whose radii it needs and is sent back their :class:`Radii`; evaluating the
+objective (batched, on any device) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .integrals import log_radial_integral, log_sphere_area
+from .projected_normal import ProjectedNormal
+
+__all__ = ["Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
+
+_START_ESS = 0.9  # ESS fraction required of the cooling path's first weighting
+_BISECTIONS = 50
+_ACCEPT_TARGET = 0.3
+
+
+@dataclass(frozen=True)
+class RadiusRequest:
+    """Directions whose basin radii the sampler needs, with first guesses."""
+
+    omegas: torch.Tensor  # [B, D] float64 unit rows
+    guesses: torch.Tensor  # [B] first radius to try
+    slopes: torch.Tensor  # [B] log-log slope to assume (nan: unknown)
+
+
+@dataclass(frozen=True)
+class Radii:
+    """The answer to a :class:`RadiusRequest`."""
+
+    radius: torch.Tensor  # [B] radius where delta = cutoff (inf: unbounded)
+    slope: torch.Tensor  # [B] measured log-log slope (nan: unknown)
+
+
+@dataclass(frozen=True)
+class SMCRun:
+    """One run (replica) of :func:`smc_sampler`.
+
+    Attributes
+    ----------
+    log_z : float
+        The estimate of :math:`\\log\\mu(K)`.
+    kind : str
+        ``"is"`` when the start proposal's importance weights were good enough on their own,
+        else ``"smc"``.
+    levels : int
+        Cooling levels (0 for ``"is"``).
+    ess_start : float
+        ESS of the start proposal's weights (a diagnostic of how hard the basin is).
+    path : tuple of float
+        The precisions :math:`a` of the levels (0 for the uniform measure's last one).
+    acceptance : tuple of float
+        Mean acceptance rate of the moves at each level.
+    radii : torch.Tensor
+        The final particles' radii.
+    log_integrals : torch.Tensor
+        The final particles' :math:`\\log I(\\omega)` under the target measure.
+    """
+
+    log_z: float
+    kind: str
+    levels: int
+    ess_start: float
+    path: tuple[float, ...] = ()
+    acceptance: tuple[float, ...] = ()
+    radii: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    log_integrals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:
+    out = log_radial_integral(r.numpy(), n, a, b.numpy())
+    return torch.from_numpy(np.asarray(out, dtype=np.float64)).reshape(r.shape)
+
+
+def _ess(log_w: torch.Tensor) -> float:
+    if not bool(torch.isfinite(log_w).any()):
+        return 0.0
+    w = torch.exp(log_w - log_w.max())
+    return float(w.sum() ** 2 / (w * w).sum())
+
+
+def _log_mean_exp(x: torch.Tensor) -> float:
+    return float(torch.logsumexp(x, 0)) - math.log(x.numel())
+
+
+@dataclass(frozen=True)
+class _Path:
+    """The cooling path's ray masses :math:`\\log I_a(\\omega, r)`; ``a = 0`` is Lebesgue."""
+
+    dim: int
+    a1: float  # 1/sigma^2, or 0 for the uniform measure
+    norm2: float  # |theta0|^2
+
+    def log_mass(self, a: float, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        if a == 0.0:
+            with np.errstate(divide="ignore"):
+                return d * torch.log(r) - math.log(d)
+        const = 0.5 * d * math.log(a / (2 * math.pi)) - 0.5 * self.norm2 * self.a1**2 / a
+        return const + _log_j(r, d - 1, a, -self.a1 * c)
+
+    def log_density(self, a: float, c: torch.Tensor) -> torch.Tensor:
+        """Log density, relative to uniform, of the direction of :math:`G_a` about theta0."""
+        return log_sphere_area(self.dim) + self.log_mass(a, torch.full_like(c, math.inf), c)
+
+    @property
+    def end(self) -> float:
+        return self.a1
+
+
+def _systematic(log_w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    w = torch.exp(log_w - log_w.max())
+    cdf = torch.cumsum(w / w.sum(), 0)
+    n = log_w.numel()
+    u = (torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(n)) / n
+    return torch.searchsorted(cdf, u).clamp_max(n - 1)
+
+
+def _truncated_radius(r, c, a: float, path: _Path, gen: torch.Generator) -> torch.Tensor:
+    """Approximate draws of t in [0, r] with density ∝ t^{D-1} exp(-a t^2/2 - a1 c t).
+
+    Used only to fit the moves' reference law, so a 256-point grid suffices.
+    """
+    n, grid = path.dim - 1, 256
+    b = -path.a1 * c
+    if a > 0:
+        mode = (b + torch.sqrt(b * b + 4 * a * n)) / (2 * a)
+        sd = 1.0 / torch.sqrt(n / mode**2 + a)
+        hi = torch.minimum(r, mode + 10 * sd)
+        lo = torch.where(r < mode - 10 * sd, r * max(0.0, 1 - 40 / path.dim), mode - 10 * sd)
+    else:
+        hi, lo = r, r * max(0.0, 1 - 40 / path.dim)
+    lo = lo.clamp_min(0.0)
+    hi = torch.where(torch.isfinite(hi), hi, lo + 1.0)
+    t = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, grid, dtype=torch.float64)
+    log_p = n * t.clamp_min(1e-300).log() - 0.5 * a * t * t + b[:, None] * t
+    pick = torch.multinomial(torch.softmax(log_p, 1), 1, generator=gen)[:, 0]
+    jitter = (torch.rand(r.shape, generator=gen, dtype=torch.float64) - 0.5) * (hi - lo) / grid
+    return (t[torch.arange(len(r)), pick] + jitter).clamp(min=lo, max=hi)
+
+
+def smc_sampler(
+    center: torch.Tensor,
+    *,
+    sigma: float | None,
+    n_particles: int,
+    n_moves: int,
+    seed: int,
+    start: ProjectedNormal | None = None,
+    dense: bool | None = None,
+    ess_target: float = 0.5,
+) -> Generator[RadiusRequest, Radii, SMCRun]:
+    r"""Estimate :math:`\log\mu(K)` by SMC along the Gaussian-cooling path.
+
+    Parameters
+    ----------
+    center : torch.Tensor
+        :math:`\theta_0` (float64 on the CPU is used internally).
+    sigma : float or None
+        Prior scale; ``None`` for the uniform measure (Lebesgue volume).
+    n_particles : int
+        Particles :math:`N`.
+    n_moves : int
+        Metropolis-Hastings moves of every particle at each level.
+    seed : int
+        Seed of every random choice of the run.
+    start : ProjectedNormal, optional
+        The shortcut's proposal. Default: the prior-ray law :math:`PN(-\theta_0, \sigma^2 I)`
+        for the Gaussian measure, uniform directions for the uniform one.
+    dense : bool, optional
+        Fit dense (``True``) or diagonal reference laws for the moves. Default: dense when
+        :math:`D \le N`.
+    ess_target : float
+        Fraction of :math:`N` the ESS of each level's incremental weights is held to.
+
+    Yields
+    ------
+    RadiusRequest
+        Directions whose radii are needed next; send back :class:`Radii`.
+
+    Returns
+    -------
+    SMCRun
+    """
+    theta0 = center.detach().to("cpu", torch.float64)
+    d = theta0.numel()
+    n = n_particles
+    gen = torch.Generator().manual_seed(seed)
+    path = _Path(d, 0.0 if sigma is None else 1.0 / sigma**2, float(theta0 @ theta0))
+    dense = d <= n if dense is None else dense
+    if start is None:
+        start = (
+            ProjectedNormal(torch.ones(d, dtype=torch.float64))
+            if sigma is None
+            else ProjectedNormal(torch.full((d,), sigma**2, dtype=torch.float64), -theta0)
+        )
+
+    def normals(k: int) -> torch.Tensor:
+        return torch.randn(k, d, generator=gen, dtype=torch.float64)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+    # The shortcut: importance sampling from the start proposal.
+    omega = unit(start.sample(normals(n)))
+    radii = yield RadiusRequest(omega, torch.full((n,), math.nan), torch.full((n,), math.nan))
+    r, slope = radii.radius, radii.slope
+    c = omega @ theta0
+    log_w = log_sphere_area(d) + path.log_mass(path.end, r, c) - start.log_density(omega)
+    ess_start = _ess(log_w)
+    if ess_start >= ess_target * n:
+        return SMCRun(_log_mean_exp(log_w), "is", 0, ess_start, (), (), r, log_w)
+
+    # The cooling path's start: uniform directions, weighted to pi_{a0}.
+    if not (sigma is None and start.mean is None and bool((start.cov == 1).all())):
+        omega = unit(normals(n))
+        radii = yield RadiusRequest(omega, r.nanmedian().expand(n).clone(), slope)
+        r, slope, c = radii.radius, radii.slope, omega @ theta0
+
+    def start_weights(a: float) -> torch.Tensor:
+        whole_ray = path.log_mass(a, torch.full_like(r, math.inf), c)
+        return path.log_density(a, c) + path.log_mass(a, r, c) - whole_ray
+
+    finite = r[torch.isfinite(r) & (r > 0)]
+    log_a = math.log(d) - 2 * math.log(float(finite.median()) if finite.numel() else 1.0)
+    while _ess(start_weights(math.exp(log_a))) < _START_ESS * n:
+        log_a += 1.0
+    a = math.exp(log_a)
+    log_w = start_weights(a)
+    log_z = _log_mean_exp(log_w)
+    keep = _systematic(log_w, gen)
+    omega, r, slope, c = omega[keep], r[keep], slope[keep], c[keep]
+    log_i = path.log_mass(a, r, c)
+    levels, rho = [], 0.5
+    acceptance = []
+    while a != path.end:
+        a_next = _next_level(path, a, r, c, log_i, ess_target * n)
+        log_i_next = path.log_mass(a_next, r, c)
+        inc = log_i_next - log_i
+        log_z += _log_mean_exp(inc)
+        keep = _systematic(inc, gen)
+        omega, r, slope, c, log_i = omega[keep], r[keep], slope[keep], c[keep], log_i_next[keep]
+        a = a_next
+        levels.append(a)
+
+        # Fit the reference law to the particles' points, then lift them to x = R omega.
+        t = _truncated_radius(r, c, a, path, gen)
+        ref = ProjectedNormal.fit(omega * t[:, None], dense=dense, with_mean=sigma is not None)
+        x = omega * ref.radial(omega, gen)[:, None]
+        phi = log_i - ref.log_density(omega)
+        accepted = []
+        for _ in range(n_moves):
+            centred = x if ref.mean is None else x - ref.mean
+            x_new = math.sqrt(1 - rho * rho) * centred + rho * ref.centred_step(normals(n))
+            if ref.mean is not None:
+                x_new = x_new + ref.mean
+            omega_new = unit(x_new)
+            radii = yield RadiusRequest(omega_new, r.clone(), slope.clone())
+            r_new, c_new = radii.radius, omega_new @ theta0
+            log_i_new = path.log_mass(a, r_new, c_new)
+            phi_new = log_i_new - ref.log_density(omega_new)
+            u = torch.rand(n, generator=gen, dtype=torch.float64).log()
+            acc = u < torch.nan_to_num(phi_new - phi, nan=-math.inf)
+            rate = float(acc.double().mean())
+            accepted.append(rate)
+            x = torch.where(acc[:, None], x_new, x)
+            omega = torch.where(acc[:, None], omega_new, omega)
+            r = torch.where(acc, r_new, r)
+            slope = torch.where(acc, radii.slope, slope)
+            c = torch.where(acc, c_new, c)
+            log_i = torch.where(acc, log_i_new, log_i)
+            phi = torch.where(acc, phi_new, phi)
+            rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
+        acceptance.append(sum(accepted) / max(len(accepted), 1))
+    return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance), r, log_i)
+
+
+def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:
+    """The next precision: the path's end if the ESS allows, else by bisection in log a."""
+
+    def ess_to(a_next: float) -> float:
+        return _ess(path.log_mass(a_next, r, c) - log_i)
+
+    if ess_to(path.end) >= target:
+        return path.end
+    far = math.log(path.end) if path.end > 0 else math.log(a) - 60.0
+    lo, hi = far, math.log(a)  # lo: too far (ESS too small); hi: fine
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        if ess_to(math.exp(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi) if hi < math.log(a) else math.exp(lo)
