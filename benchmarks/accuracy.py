@@ -1,0 +1,104 @@
+"""Ground-truth accuracy suite: every method against problems whose answer is known.
+
+For each problem of ``benchmarks/problems.py`` (closed forms, mpmath, deterministic quadrature
+or converged direct sampling; never a method's own output) and each method, prints
+
+    problem | truth | method | estimate | 95% interval | covered | error | evaluations | seconds
+
+Run ``python benchmarks/accuracy.py`` (the quick problems), ``--all`` for every problem,
+``--held-out`` for the held-out ones only, ``--names a,b`` for a selection, ``--seeds 3`` for
+several seeds of the methods. ``--particles``, ``--replicas``, ``--moves`` set the SMC run and
+``--is-samples`` the importance sampler's directions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import problems  # noqa: E402
+
+import basin_volume as bv  # noqa: E402
+
+
+def run(problem, method: str, seed: int, args) -> dict:
+    kwargs = dict(
+        cutoff=problem.cutoff,
+        measure=problem.measure,
+        sigma=problem.sigma,
+        preconditioner=problem.preconditioner,
+        seed=seed,
+        progress=False,
+        model_batch_size=args.batch,
+        method=method,
+    )
+    if method == "smc":
+        kwargs.update(n_samples=args.particles, replicas=args.replicas, n_moves=args.moves)
+    else:
+        kwargs.update(n_samples=args.is_samples)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bv.estimate(problem.fn, problem.center, **kwargs)
+        lo, hi = res.interval(0.95)
+    evals = res.meta.get("total_evals", int(res.n_evals.sum()))
+    err = res.log_volume - problem.truth
+    slack = 2 * problem.truth_se  # the truth's own uncertainty
+    covered = lo - slack <= problem.truth <= hi + slack if math.isfinite(problem.truth) else None
+    return dict(
+        estimate=res.log_volume, lo=lo, hi=hi, covered=covered, error=err, evals=evals,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--all", action="store_true", help="every problem, not only the quick ones")
+    p.add_argument("--held-out", action="store_true", help="held-out problems only")
+    p.add_argument("--names", default=None, help="comma-separated problem names")
+    p.add_argument("--methods", default="smc,is")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--particles", type=int, default=256)
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--moves", type=int, default=3)
+    p.add_argument("--is-samples", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64, help="points per batched fn call")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.names:
+        names = args.names.split(",")
+    else:
+        names = problems.names(held_out=True if args.held_out else None,
+                               quick=None if args.all else True)
+    head = (f"{'problem':34} {'truth':>12} {'method':6} {'estimate':>12} "
+            f"{'95% interval':>26} {'cover':>5} {'error':>9} {'evals':>9} {'s':>6}")
+    print(head)
+    print("-" * len(head))
+    covered, total = 0, 0
+    for name in names:
+        for seed in range(args.seeds):
+            problem = problems.get(name)
+            for method in args.methods.split(","):
+                r = run(problem, method, seed, args)
+                cov = "-" if r["covered"] is None else ("yes" if r["covered"] else "NO")
+                if method == "smc" and r["covered"] is not None:
+                    covered, total = covered + bool(r["covered"]), total + 1
+                print(f"{name:34} {problem.truth:12.4f} {method:6} {r['estimate']:12.4f} "
+                      f"[{r['lo']:11.4f}, {r['hi']:11.4f}] {cov:>5} {r['error']:9.3f} "
+                      f"{r['evals']:9d} {r['seconds']:6.1f}", flush=True)
+    if total:
+        print(f"\nSMC intervals covering the truth: {covered} of {total}")
+
+
+if __name__ == "__main__":
+    main()

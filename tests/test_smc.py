@@ -1,0 +1,179 @@
+"""The SMC sampler and its parts, against exact answers (closed forms, mpmath, quadrature)."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+import basin_volume as bv
+from basin_volume.integrals import log_ball_volume, log_radial_integral
+from basin_volume.projected_normal import ProjectedNormal
+from basin_volume.result import VolumeResult
+from basin_volume.smc import Radii, smc_sampler
+from basin_volume.smc_estimate import _cutoff_radius
+
+torch.set_default_dtype(torch.float32)
+
+
+def _ellipsoid(dim, decades, seed=1000, eps=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    semi = 10 ** (decades * torch.rand(dim, generator=g, dtype=torch.float64))
+    h = 2 * eps / semi**2
+    c = torch.randn(dim, generator=g, dtype=torch.float64)
+    truth = log_ball_volume(dim) + 0.5 * dim * math.log(2 * eps) - 0.5 * float(h.log().sum())
+    return h, c, truth
+
+
+def _drive(sampler, radius_of):
+    """Run a sampler with exact radii from ``radius_of(omegas)``."""
+    request = next(sampler)
+    while True:
+        r = radius_of(request.omegas)
+        try:
+            request = sampler.send(Radii(r, torch.full_like(r, 2.0)))
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_projected_normal_density_matches_quadrature(mean):
+    """q(omega) in D = 2 against direct integration of the normal density along the ray."""
+    cov = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    m = torch.tensor([0.4, -0.7], dtype=torch.float64) if mean else None
+    pn = ProjectedNormal(cov, m)
+    for phi in (0.1, 1.3, 2.9, 4.4):
+        omega = torch.tensor([[math.cos(phi), math.sin(phi)]], dtype=torch.float64)
+        mm = (0.0, 0.0) if m is None else (float(m[0]), float(m[1]))
+
+        def density(t, phi=phi, mm=mm):
+            x, y = t * mpmath.cos(phi) - mm[0], t * mpmath.sin(phi) - mm[1]
+            return t * mpmath.exp(-x * x / 0.6 - y * y / 4.0) / (2 * mpmath.pi * mpmath.sqrt(0.6))
+
+        # relative to the uniform law on the circle: 2 pi times the density on the circle
+        exact = math.log(2 * math.pi * float(mpmath.quad(density, [0, mpmath.inf])))
+        assert float(pn.log_density(omega)) == pytest.approx(exact, abs=1e-9)
+
+
+def test_projected_normal_radial_law_exact_for_zero_mean():
+    """R | omega of N(0, C) is chi_D / sqrt(omega' C^-1 omega): check its mean of R^2."""
+    d = 40
+    pn = ProjectedNormal(torch.linspace(0.5, 3.0, d, dtype=torch.float64))
+    omega = torch.nn.functional.normalize(torch.ones(1, d, dtype=torch.float64), dim=1)
+    omega = omega.expand(20000, d)
+    r = pn.radial(omega, torch.Generator().manual_seed(0))
+    a, _ = pn.quadratic(omega[:1])
+    assert float((r**2).mean()) == pytest.approx(d / float(a), rel=0.01)
+
+
+def test_projected_normal_radial_mh_matches_moments():
+    """With a mean, the MH radial draws match the moments of R^{D-1} e^{-aR^2/2+bR}."""
+    d = 6
+    pn = ProjectedNormal(torch.ones(d, dtype=torch.float64), torch.full((d,), 0.8,
+                                                                       dtype=torch.float64))
+    omega = torch.nn.functional.normalize(torch.ones(1, d, dtype=torch.float64), dim=1)
+    r = pn.radial(omega.expand(40000, d), torch.Generator().manual_seed(1), steps=30)
+    a, b = (float(v) for v in pn.quadratic(omega))
+    m1 = float(log_radial_integral(math.inf, d, a, b) - log_radial_integral(math.inf, d - 1, a, b))
+    assert float(r.mean()) == pytest.approx(math.exp(m1), rel=0.01)
+
+
+def test_cutoff_radius_is_exact_for_a_power_law():
+    """delta = t^k: interpolation between bracket ends and extrapolation are both exact."""
+    cutoff, k = 1e-2, 2.0
+    exact = cutoff ** (1 / k)
+    hist = [(0.05, 0.05**k), (0.2, 0.2**k), (0.101, 0.101**k)]
+    assert _cutoff_radius(hist, cutoff, 0.101, 0.101**k, k) == pytest.approx(exact, rel=1e-14)
+    one_sided = [(0.1005, 0.1005**k)]
+    assert _cutoff_radius(one_sided, cutoff, 0.1005, 0.1005**k, k) == pytest.approx(
+        exact, rel=1e-14
+    )
+
+
+@pytest.mark.parametrize("dim,sigma_factor", [(1000, 1.0), (1000, 0.1), (20000, 0.1)])
+def test_whole_space_basin_is_exact(dim, sigma_factor):
+    """A constant fn: every ray is unbounded and the probability is exactly 1."""
+    c = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = sigma_factor * float(c.norm()) / math.sqrt(dim)
+    res = bv.estimate(lambda th: th.sum() * 0.0, c, n_samples=32, cutoff=1e-2, sigma=sigma,
+                      progress=False, replicas=2, model_batch_size=32)
+    assert res.method == "smc"
+    assert abs(res.log_volume) <= 1e-6
+
+
+@pytest.mark.parametrize("dim", [1000, 10000])
+def test_exact_proposal_ellipsoid_with_defaults(dim):
+    """Given the matching proposal, the default method is exact to float precision."""
+    g = torch.Generator().manual_seed(5)
+    h = 10 ** (8 * torch.rand(dim, generator=g, dtype=torch.float64))
+    c = torch.randn(dim, dtype=torch.float64, generator=g)
+    truth = log_ball_volume(dim) + 0.5 * dim * math.log(2e-2) - 0.5 * float(h.log().sum())
+    res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
+                      measure="uniform", preconditioner=h**-0.5, progress=False, replicas=2,
+                      model_batch_size=32)
+    assert abs(res.log_volume - truth) <= 1e-3
+
+
+def test_sampler_ellipsoid_beats_importance_sampling():
+    """D = 100, axes over 3 decades: isotropic IS is tens of nats low, SMC within a few."""
+    h, c, truth = _ellipsoid(100, 3)
+    runs = [
+        _drive(
+            smc_sampler(c, sigma=None, n_particles=200, n_moves=3, seed=s),
+            lambda om: torch.sqrt(2e-2 / (om**2 * h).sum(1)),
+        )
+        for s in range(2)
+    ]
+    assert all(r.kind == "smc" for r in runs)
+    for r in runs:
+        assert abs(r.log_z - truth) <= 4.0
+    is_est = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=400,
+                         measure="uniform", progress=False, method="is")
+    assert truth - is_est.log_volume > 15.0
+
+
+def test_sampler_gaussian_measure_small_dimension():
+    """D = 3 ball around theta0 under N(0, sigma^2 I): compare with a 2-D quadrature."""
+    c = torch.tensor([0.9, -0.4, 0.3], dtype=torch.float64)
+    sigma, radius = 0.5, 0.08
+    # P(|theta - c| <= radius) for theta ~ N(0, sigma^2 I): noncentral chi-square CDF
+    nc = float(c @ c) / sigma**2
+    x = (radius / sigma) ** 2
+    exact = math.log(float(mpmath.quad(
+        lambda t: mpmath.exp(-(t + nc) / 2) / 2 * (t / nc) ** 0.25
+        * mpmath.besseli(0.5, mpmath.sqrt(nc * t)), [0, x])))
+    runs = [
+        _drive(
+            smc_sampler(c, sigma=sigma, n_particles=400, n_moves=3, seed=s),
+            lambda om: torch.full((om.shape[0],), radius, dtype=torch.float64),
+        )
+        for s in range(3)
+    ]
+    est = math.log(sum(math.exp(r.log_z) for r in runs) / len(runs))
+    assert est == pytest.approx(exact, abs=0.05)
+
+
+def test_smc_result_round_trips_and_old_files_load(tmp_path):
+    h, c, _ = _ellipsoid(10, 1)
+    res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
+                      measure="uniform", progress=False, replicas=2, method="smc")
+    res.save(tmp_path / "r.json")
+    back = VolumeResult.load(tmp_path / "r.json")
+    assert back.method == "smc" and back.replicas == res.replicas
+    assert back.log_volume == res.log_volume
+    data = res.to_dict()
+    del data["method"], data["replicas"]
+    old = VolumeResult.from_dict(data)  # a file written before SMC existed
+    assert old.method == "is"
+
+
+def test_method_errors_name_the_field():
+    c = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        bv.estimate(lambda th: th.sum(), c, method="mcmc", progress=False)
+    with pytest.raises(ValueError, match="resume_from or callback"):
+        bv.estimate(lambda th: th.sum(), c, method="smc", callback=print, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        bv.estimate(lambda th: th.sum(), c, method="smc", budget=0, progress=False)
