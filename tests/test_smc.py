@@ -98,7 +98,7 @@ def test_whole_space_basin_is_exact(dim, sigma_factor):
     c = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sigma = sigma_factor * float(c.norm()) / math.sqrt(dim)
     res = bv.estimate(lambda th: th.sum() * 0.0, c, n_samples=32, cutoff=1e-2, sigma=sigma,
-                      progress=False, replicas=2, model_batch_size=32)
+                      progress=False, replicas=2, model_batch_size=32, method="auto")
     assert res.method == "smc"
     assert abs(res.log_volume) <= 1e-6
 
@@ -112,7 +112,7 @@ def test_exact_proposal_ellipsoid_with_defaults(dim):
     truth = log_ball_volume(dim) + 0.5 * dim * math.log(2e-2) - 0.5 * float(h.log().sum())
     res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
                       measure="uniform", preconditioner=h**-0.5, progress=False, replicas=2,
-                      model_batch_size=32)
+                      model_batch_size=32, method="auto")
     assert abs(res.log_volume - truth) <= 1e-3
 
 

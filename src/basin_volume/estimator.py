@@ -218,7 +218,7 @@ def estimate(
     resume_from: VolumeResult | None = None,
     model_batch_size: int = 1,
     batch_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    method: Method | str = "auto",
+    method: Method | str = "is",
     budget: int | None = None,
     replicas: int = 4,
     n_moves: int = 3,
@@ -281,9 +281,9 @@ def estimate(
         ``"smc"``: sequential Monte Carlo along a Gaussian-cooling path
         (:mod:`basin_volume.smc`), right where importance sampling is a lower bound, with an
         interval from independent replicas. ``"is"``: importance sampling from one proposal
-        (fast; trustworthy only when the ESS is high). ``"auto"`` (default): ``"smc"``,
-        except in memory-light mode, under torchrun, with ``resume_from`` or ``callback``,
-        or with a non-diagonal preconditioner, where it is ``"is"``.
+        (fast; trustworthy only when the ESS is high; the default for now, while run logs,
+        resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
+        ``resume_from`` or ``callback`` or a non-diagonal preconditioner, where it is ``"is"``.
     budget : int, optional
         Cap on the total number of evaluations of ``fn`` (``method="smc"``);
         :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when it runs out.
