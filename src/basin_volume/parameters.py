@@ -9,13 +9,16 @@ train/eval flags of every submodule, whatever happens inside it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["FlatParameters", "preserved"]
+__all__ = ["FlatParameters", "center_sha256", "preserved"]
+
+_HASH_CHUNK = 1 << 22
 
 
 class FlatParameters:
@@ -116,3 +119,22 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def center_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the bytes of ``tensors`` (in order) with their dtypes and total size.
+
+    The concatenation is never made: a large model is hashed chunk by chunk. The digest is the
+    ``center_sha256`` of a run log's settings (:mod:`basin_volume.runfile`), so a result from
+    :func:`basin_volume.estimate` and one from a results file can be compared.
+    """
+    digest = hashlib.sha256()
+    dim, dtypes = 0, set()
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        dim += flat.numel()
+        dtypes.add(str(flat.dtype))
+        for chunk in flat.split(_HASH_CHUNK):
+            digest.update(chunk.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digest.update(f"{sorted(dtypes)}:{dim}".encode())
+    return digest.hexdigest()
