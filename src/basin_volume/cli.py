@@ -608,6 +608,7 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
                     optimizer=optimizer,
                     cutoff=cutoff,
                     sigma=args.sigma,
+                    parameters=loaded.config.get("parameters", "trainable"),
                     **tuning,
                 )
         except (TypeError, ValueError, KeyError, OSError) as err:

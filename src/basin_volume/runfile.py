@@ -807,10 +807,12 @@ _FREE_CONFIG = frozenset(
     {"n_samples", "progress", "data_batch_size", "cache_mode", "cache_budget_bytes"}
     | {"model_batch_size", "low_memory", "model", "tokenizer", "dataset", "inputs"}
     | {"preconditioner", "sigma", "optimizer", "optimizer_state", "fn", "compile"}
+    | {"parameters"}
 )
 """Configuration fields that may change on resume: they do not change any direction's result
 beyond float rounding (the model, data, preconditioner and sigma are compared through the
-settings and the data fingerprint instead of their descriptions)."""
+settings and the data fingerprint instead of their descriptions; the parameter selection
+through the centre's size and hash, so logs written before it was recorded still resume)."""
 
 _FREE_SPEC = frozenset(
     {"n_samples", "device", "quiet", "progress", "output", "resume", "overwrite", "model", "data"}
