@@ -249,7 +249,7 @@ def _saved_text() -> str:
 
 _odd_values = st.sampled_from(
     [math.nan, math.inf, -math.inf, "nan", "inf", "-inf", -1.0, 0.0, -0.0, 1e308, -1e-300]
-    + [0.75, 2.5, -5, 0, 1, 2**63, 2**64, True, None, "banana", "converged", [], {}]
+    + [0.75, 2.5, -5, 0, 1, 2**63, 2**64, 10**400, True, None, "banana", "converged", [], {}]
 )
 _VALUE_FIELDS = [
     "estimates", "deltas", "props", "mults", "logabsint", "n_evals", "radii", "slopes",

@@ -115,7 +115,10 @@ def _decode(x: Any) -> float:
         raise ResultFileError(f"expected a number or 'nan'/'inf'/'-inf', found {x!r}")
     if isinstance(x, bool) or not isinstance(x, int | float):
         raise ResultFileError(f"expected a number, found {x!r}")
-    return x
+    try:
+        return float(x)
+    except OverflowError:  # an integer beyond float range
+        raise ResultFileError(f"expected a number within float range, found {x!r}") from None
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,8 @@ class DirectionRecord:
 
 
 def _integer(x: Any) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise ResultFileError(f"expected an integer, found {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int) or not -(2**63) <= x < 2**63:
+        raise ResultFileError(f"expected a 64-bit integer, found {x!r}")
     return x
 
 
@@ -620,7 +623,7 @@ def _check_settings(kwargs: dict) -> None:
     measure, sigma = kwargs["measure"], kwargs["sigma"]
     gaussian_sigma = math.isfinite(sigma) and sigma > 0
     checks = (
-        ("dim", kwargs["dim"] >= 1, "a positive integer"),
+        ("dim", 1 <= kwargs["dim"] < 2**63, "a positive 64-bit integer"),
         ("measure", measure in ("gaussian", "uniform"), "'gaussian' or 'uniform'"),
         ("cutoff", math.isfinite(kwargs["cutoff"]) and kwargs["cutoff"] > 0, "a positive number"),
         ("rtol", 0 < kwargs["rtol"] <= MAX_RTOL, f"a number in (0, {MAX_RTOL}]"),
