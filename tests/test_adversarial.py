@@ -294,6 +294,28 @@ def test_cli_second_session_refuses_naming_the_pid(models, tmp_path, capsys):
     assert len(read_run(out).records) == 3
 
 
+def test_run_lock_without_flock(tmp_path, monkeypatch):
+    import errno
+
+    from basin_volume import runfile
+
+    log = tmp_path / "r.records.jsonl"
+    monkeypatch.setattr(runfile, "fcntl", None)  # as on Windows: the lock file is created
+    lock = RunLock.acquire(log)  # exclusively, and a crashed run leaves it behind
+    with pytest.raises(RunInUseError, match="delete the file"):
+        RunLock.acquire(log)
+    lock.release()
+    assert not RunLock.lock_path(log).exists()
+    monkeypatch.undo()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfile.fcntl, "flock", no_locks)  # a file system without locks
+    with pytest.warns(RuntimeWarning, match="would not be refused"):
+        RunLock.acquire(log).release()
+
+
 def test_merge_refuses_results_of_different_centres(tmp_path):
     kw = dict(n_samples=3, sigma=1.0, progress=False)  # same settings, other centres
     a = quiet(estimate_to_file, quad(C), C, tmp_path / "a.json", **kw)

@@ -152,17 +152,23 @@ class RunLock:
         """Lock the run log at ``log_path``, or raise :class:`RunInUseError`."""
         log_path = Path(log_path)
         path = cls.lock_path(log_path)
-        if fcntl is None:  # pragma: no cover - Windows
+        if fcntl is None:  # Windows
             return cls._acquire_exclusive(log_path, path)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    warnings.warn(  # e.g. a network file system without locks: run unlocked
+                        f"cannot lock {log_path} ({err.strerror or err}); a second process on "
+                        "this run log would not be refused",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    break
                 pid = _read_pid(path)
                 os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
                 raise _in_use(log_path, pid, "") from None
             try:  # the file may have been removed by its last holder since we opened it
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -176,7 +182,7 @@ class RunLock:
         return cls(path, fd)
 
     @classmethod
-    def _acquire_exclusive(cls, log_path: Path, path: Path) -> RunLock:  # pragma: no cover
+    def _acquire_exclusive(cls, log_path: Path, path: Path) -> RunLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
