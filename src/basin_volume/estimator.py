@@ -170,9 +170,10 @@ def estimate(
         Directions are drawn as :math:`Pu/\lVert Pu\rVert` and importance-reweighted.
     rtol : float
         Each radius satisfies :math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\cdot
-        \varepsilon`.
+        \varepsilon`; at most 0.5 (with ``rtol >= 1`` points deep inside the basin would
+        count as its edge).
     seed : int
-        Direction ``k`` depends only on ``(seed, k)``.
+        Direction ``k`` depends only on ``(seed, k)``; ``0 <= seed < 2**63``.
     progress : bool
         Show a progress bar.
     max_evals : int
@@ -200,16 +201,22 @@ def estimate(
         ``model_batch_size > 1``: ``torch.func.vmap(fn)``, falling back to one call per
         point (with a warning) if ``fn`` cannot be vmapped.
 
+    Numbers may be Python, numpy or 0-d torch scalars.
+
     Returns
     -------
     VolumeResult
+        ``meta["center_sha256"]`` fingerprints the centre, so a result is never resumed
+        (``resume_from``) or merged with another basin's.
 
     Warns
     -----
     LowESSWarning
         When a few directions carry almost all of the importance weight.
     RadiusSearchWarning
-        When some directions' radius searches did not converge.
+        When some directions' radius searches did not converge, naming them and why (a
+        direction whose basin is narrower than the centre's float resolution is
+        ``nonfinite``: points that round to the centre are not evaluated).
 
     Examples
     --------
