@@ -1,5 +1,6 @@
 """Faults and bad input: nothing lost, nothing silently wrong."""
 
+import functools
 import json
 import math
 import warnings
@@ -239,3 +240,60 @@ def test_loader_fuzz_truncated_text(tmp_path_factory, cut, junk):
         bv.VolumeResult.load(path)
     except bv.ResultFileError as err:
         assert str(err)
+
+
+@functools.cache
+def _saved_text() -> str:
+    return json.dumps(_result().to_dict())
+
+
+_odd_values = st.sampled_from(
+    [math.nan, math.inf, -math.inf, "nan", "inf", "-inf", -1.0, 0.0, -0.0, 1e308, -1e-300]
+    + [0.75, 2.5, -5, 0, 1, 2**63, 2**64, 10**400, True, None, "banana", "converged", [], {}]
+)
+_VALUE_FIELDS = [
+    "estimates", "deltas", "props", "mults", "logabsint", "n_evals", "radii", "slopes",
+    "status", "dim", "measure", "cutoff", "sigma", "rtol", "seed", "log_volume", "ess",
+    "low_ess",
+]  # fmt: skip
+
+
+def _assert_sane(res):
+    """What every loaded result must satisfy, whatever the file held."""
+    assert res.dim >= 1 and res.measure in ("gaussian", "uniform")
+    assert math.isfinite(res.cutoff) and res.cutoff > 0 and 0 < res.rtol <= 0.5
+    assert 0 <= res.seed < 2**63
+    assert res.measure == "uniform" or (math.isfinite(res.sigma) and res.sigma > 0)
+    assert set(res.status) <= {s.value for s in RayStatus}
+    assert not bool(torch.isnan(res.estimates).any()) and not math.isnan(res.log_volume)
+    assert bool((res.props > 0).all()) and bool(torch.isfinite(res.props).all())
+    assert bool((res.radii >= 0).all()) and bool((res.n_evals >= 0).all())
+    assert bv.VolumeResult.from_dict(res.to_dict()).status == res.status  # saves and reloads
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(_VALUE_FIELDS),
+    where=st.integers(0, 2),
+    value=_odd_values | st.floats() | st.integers(-3, 3),
+    scale=st.sampled_from([None, 1 + 1e-6, 0.5, -1.0]),
+)
+def test_loader_fuzz_mutated_values(tmp_path_factory, field, where, value, scale):
+    """Values changed inside a valid file (an array entry or a setting, replaced by an odd
+    value or scaled): the loader refuses with ResultFileError, or what it loads is sane."""
+    data = json.loads(_saved_text())
+    old = data[field][where] if isinstance(data[field], list) else data[field]
+    if scale is not None and isinstance(old, int | float) and not isinstance(old, bool):
+        value = old * scale
+    if isinstance(data[field], list):
+        data[field][where] = value
+    else:
+        data[field] = value
+    path = tmp_path_factory.mktemp("values") / "r.json"
+    path.write_text(json.dumps(data))  # NaN and Infinity as JSON's non-standard literals
+    try:
+        res = bv.VolumeResult.load(path)
+    except bv.ResultFileError as err:
+        assert str(err).startswith(str(path))
+    else:
+        _assert_sane(res)

@@ -71,6 +71,7 @@ from torch import nn
 
 from .directions import sample_direction
 from .estimator import estimate
+from .parameters import select_parameters
 from .preconditioners import (
     DensePreconditioner,
     DiagonalPreconditioner,
@@ -151,6 +152,7 @@ def resolve_preconditioner(
     labels: str = "auto",
     batch_size: int | None = None,
     seed: int = 0,
+    parameters="trainable",
 ) -> torch.Tensor | Preconditioner | None:
     """Build the preconditioner a configuration asks for.
 
@@ -181,6 +183,9 @@ def resolve_preconditioner(
         model's parameters, as in :func:`basin_volume.estimate`).
     labels, batch_size, seed
         Passed to the Fisher computations.
+    parameters : "trainable", "all", list of str, or callable
+        Which of the model's parameters the scales are for (default the trainable ones; see
+        :func:`~basin_volume.parameters.select_parameters`).
 
     Returns
     -------
@@ -200,7 +205,7 @@ def resolve_preconditioner(
     if eps == "prior":
         if cutoff is None:
             raise ValueError("eps='prior' needs the run's cutoff; pass cutoff=")
-        params = [p.detach() for p in model.parameters()]
+        params = [p.detach() for _, p in select_parameters(model, parameters)]
         dim = sum(p.numel() for p in params)
         if sigma is None:  # the RMS of the centre, as in basin_volume.estimate
             sigma = math.sqrt(sum(float(p.double().square().sum()) for p in params) / dim)
@@ -213,7 +218,12 @@ def resolve_preconditioner(
                 "folder (most released checkpoints have none: use 'fisher' instead)"
             )
         return adam_preconditioner(
-            optimizer, model=model, order=adam_order, eps=eps, exponent=exponent
+            optimizer,
+            model=model,
+            order=adam_order,
+            eps=eps,
+            exponent=exponent,
+            parameters=parameters,
         )
     if inputs is None:
         raise ValueError(
@@ -233,15 +243,19 @@ def resolve_preconditioner(
             labels=labels,
             batch_size=batch_size,
             seed=seed,
+            parameters=parameters,
         )
-    matrix = fisher_matrix(model, inputs, labels=labels, batch_size=batch_size, seed=seed)
+    matrix = fisher_matrix(
+        model, inputs, labels=labels, batch_size=batch_size, seed=seed, parameters=parameters
+    )
     return DensePreconditioner(matrix, eps=eps, exponent=exponent)
 
 
-def parameter_groups(model: nn.Module) -> list[int]:
+def parameter_groups(model: nn.Module, parameters="trainable") -> list[int]:
     """Group sizes with one group per parameter tensor (per layer weight and bias), in
-    ``parameters_to_vector`` order: a ``groups`` argument for :func:`estimate_adaptive`."""
-    sizes = [p.numel() for p in model.parameters()]
+    ``parameters_to_vector`` order of the selected (by default trainable) parameters: a
+    ``groups`` argument for :func:`estimate_adaptive`."""
+    sizes = [p.numel() for _, p in select_parameters(model, parameters)]
     if not sizes:
         raise ValueError("model has no parameters")
     return sizes
@@ -455,6 +469,7 @@ def estimate_adaptive(
                     for k in ("dim", "measure", "cutoff", "sigma", "rtol")
                 },
                 seed=round_seed,
+                meta=resume_from.meta,  # its centre's fingerprint is checked by estimate
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowESSWarning)

@@ -46,7 +46,7 @@ from torch import nn
 
 from .devices import available_ram_bytes, default_device, wide_dtype
 from .objectives import kl_from_logprobs
-from .parameters import FlatParameters, preserved
+from .parameters import FlatParameters, ParameterSelection, preserved
 
 __all__ = [
     "CacheMode",
@@ -412,6 +412,9 @@ class CausalLMKL:
     compile : bool or dict, optional
         Evaluate the model through :func:`torch.compile` (see
         :class:`~basin_volume.parameters.FlatParameters`).
+    parameters : "trainable", "all", list of str, or callable
+        Which parameters are the basin's coordinates (default the trainable ones; see
+        :func:`~basin_volume.parameters.select_parameters`).
 
     Attributes
     ----------
@@ -438,6 +441,7 @@ class CausalLMKL:
         cache_mode: CacheMode | str | None = CacheMode.AUTO,
         cache_budget_bytes: int | None = None,
         compile: bool | dict | None = None,
+        parameters: ParameterSelection = "trainable",
     ):
         self.model = _unwrap(model)
         mode = _resolve_cache_mode(cache_mode)
@@ -463,7 +467,7 @@ class CausalLMKL:
         keep = lengths > 0
         if not bool(keep.any()):
             raise ValueError("attention_mask selects no tokens: there is nothing to evaluate")
-        self.params = FlatParameters(self.model, compile=compile)
+        self.params = FlatParameters(self.model, compile=compile, parameters=parameters)
         device = self.params.device
         # Longest first, so each batch is trimmed to its own longest sequence.
         order = torch.argsort(lengths[keep], descending=True, stable=True)
@@ -585,7 +589,7 @@ class CausalLMKL:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         gen = torch.Generator().manual_seed(seed)
-        leaves = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
+        leaves = {n: p.detach().requires_grad_() for n, p in self.params.named}
         # per-parameter sums of squares where the model lives, at least float32: one extra
         # copy of the parameters' size beside the gradients, never a float64 D-vector there
         totals = [
@@ -635,6 +639,7 @@ def causal_lm_objective(
     cache_mode: CacheMode | str | None = CacheMode.AUTO,
     cache_budget_bytes: int | None = None,
     compile: bool | dict | None = None,
+    parameters: ParameterSelection = "trainable",
 ) -> CausalLMKL:
     """The KL objective of a causal LM on the first ``val_size`` sequences of ``dataset``.
 
@@ -681,6 +686,7 @@ def causal_lm_objective(
         cache_mode=cache_mode,
         cache_budget_bytes=cache_budget_bytes,
         compile=compile,
+        parameters=parameters,
     )
 
 

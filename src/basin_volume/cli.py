@@ -22,7 +22,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -82,6 +84,25 @@ def _nonnegative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+def _rtol(text: str) -> float:
+    from .checks import check_rtol
+
+    try:
+        return check_rtol(_positive_float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seed(text: str) -> int:
+    from .checks import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError as err:
+        message = str(err) if "seed" in str(err) else f"expected an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _eps(text: str) -> float | str:
@@ -587,6 +608,7 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
                     optimizer=optimizer,
                     cutoff=cutoff,
                     sigma=args.sigma,
+                    parameters=loaded.config.get("parameters", "trainable"),
                     **tuning,
                 )
         except (TypeError, ValueError, KeyError, OSError) as err:
@@ -710,8 +732,16 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
         return VolumeConfig(**fields)
     except (TypeError, ValueError) as err:
         message = _first_line(err)
-        option = "--preconditioner" if "adaptive" in message else "--model-type"
-        raise UsageError(option, message) from None
+        raise UsageError(_option_for(message), message) from None
+
+
+def _option_for(message: str) -> str:
+    """The command-line option a :class:`~basin_volume.VolumeConfig` error is about."""
+    if "adaptive" in message:
+        return "--preconditioner"
+    field = message.split(" ", 1)[0]
+    options = ("n_samples", "cutoff", "sigma", "rtol", "seed", "measure", "data_batch_size")
+    return "--" + field.replace("_", "-") if field in options else "--model-type"
 
 
 def _load_data(args):
@@ -753,10 +783,19 @@ def _status(args, text: str) -> None:
 
 def _run_mapped(run: Callable, *, output_option: str = "--output"):
     """Call ``run()``, turning resume mismatches and the like into :class:`UsageError`."""
-    from .runfile import ResumeError
+    from .result import ResultFileError
+    from .runfile import ResumeError, RunInUseError
 
     try:
         return run()
+    except RunInUseError as err:
+        raise UsageError(output_option, str(err)) from None
+    except ResultFileError as err:  # an empty or damaged run log (or results file) to resume
+        raise UsageError(
+            output_option,
+            f"{_first_line(err)}; pass --overwrite to start that run again (its saved "
+            "directions are lost), or write to another output",
+        ) from None
     except ResumeError as err:
         option = {"dim": "--model", "text_key": "--text-field"}.get(
             err.field, "--" + err.field.replace("_", "-")
@@ -825,16 +864,34 @@ def _saved_message(output: Path) -> str:
     return f"{done} directions are saved in {log}"
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run stops as on Ctrl-C (the model is
+    restored and the run log closed by the usual ``finally`` blocks)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def _interruptible(run: Callable, saved: Callable[[], str]):
-    """Run; on Ctrl-C say what is saved and how to continue, and exit with status 130."""
+    """Run; on Ctrl-C or SIGTERM say what is saved and how to continue, and exit with status
+    130 or 143."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         return run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as err:
+        what, status = (
+            ("interrupted", 130) if isinstance(err, KeyboardInterrupt) else ("terminated", 143)
+        )
         print(
-            f"\ninterrupted: {saved()}; run the same command with --resume to continue",
+            f"\n{what}: {saved()}; run the same command with --resume to continue",
             file=sys.stderr,
         )
-        raise SystemExit(130) from None
+        raise SystemExit(status) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 _STEP_PATTERN = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
@@ -1222,13 +1279,15 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
     )
     g.add_argument(
         "--rtol",
-        type=_positive_float,
-        help="each radius is found to |KL(r) - cutoff| <= rtol * cutoff (default 0.01)",
+        type=_rtol,
+        help="each radius is found to |KL(r) - cutoff| <= rtol * cutoff; at most 0.5 "
+        "(default 0.01)",
     )
     g.add_argument(
         "--seed",
-        type=int,
-        help="seed of the random directions; direction k depends only on it and k (default 0)",
+        type=_seed,
+        help="seed of the random directions, 0 to 2^63-1; direction k depends only on it and "
+        "k (default 0)",
     )
     pg = p.add_argument_group("preconditioner (importance sampling of directions)")
     pg.add_argument(
@@ -1342,7 +1401,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-2,
         help="KL cutoff in nats that defines the basin (default 0.01)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of training and directions")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of training and directions")
     demo.add_argument("--output", help="write the result as JSON to this path")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_demo)
@@ -1521,12 +1580,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.quiet, output = True, contextlib.redirect_stdout(io.StringIO())
         try:
             with output:
-                return args.handler(args)
+                status = args.handler(args)
+                sys.stdout.flush()  # a closed pipe shows up here, not at exit
+                return status
+        except BrokenPipeError:  # e.g. `basin-volume compare ... | head`: the reader left
+            _discard_stdout()
+            return 1
         except UsageError as err:
             args.parser.error(f"argument {err.option}: {err.message}")
         finally:
             warnings.showwarning = previous
     return 2  # not reached: error() exits
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured)
+        pass
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import checks
 from .adaptive import (
     PreconditionerType,
     estimate_adaptive,
@@ -28,7 +29,13 @@ from .devices import default_device
 from .distributed import from_rank0, init_from_env
 from .estimator import Measure, estimate, run_rays
 from .objectives import ClassifierKL
-from .parameters import compile_options, preserved
+from .parameters import (
+    FlatParameters,
+    compile_options,
+    describe_selection,
+    preserved,
+    select_parameters,
+)
 from .preconditioners import as_preconditioner
 from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
@@ -36,6 +43,25 @@ from .result import DirectionRecord, VolumeResult
 __all__ = ["ModelType", "VolumeConfig", "VolumeEstimator"]
 
 LOW_MEMORY_THRESHOLD = 20_000_000
+
+_NUMBER_FIELDS = (
+    "n_samples",
+    "cutoff",
+    "max_seq_len",
+    "val_size",
+    "sigma",
+    "preconditioner_eps",
+    "preconditioner_exponent",
+    "adam_order",
+    "adaptive_rounds",
+    "rtol",
+    "seed",
+    "data_batch_size",
+    "model_batch_size",
+    "checkpoint_step",
+    "cache_budget_bytes",
+)
+"""Fields given as numbers: numpy scalars and 0-d tensors are turned into Python numbers."""
 
 
 class ModelType(enum.StrEnum):
@@ -125,6 +151,12 @@ class VolumeConfig:
     cache_budget_bytes : int, optional
         ``cache_mode="auto"``: the largest cache of the centre's logits kept on the model's
         accelerator (default: half its free memory); larger caches go to host memory.
+    parameters : "trainable", "all", list of str, or callable
+        Which of the model's parameters are the basin's coordinates: by default the
+        trainable ones (``requires_grad=True``; frozen ones keep their values and do not
+        count in ``D``), ``"all"``, a list of names from ``model.named_parameters()``, or a
+        predicate ``(name, parameter) -> bool``. The result records the choice in
+        ``meta["parameters"]``.
     """
 
     model: Any = None
@@ -158,8 +190,12 @@ class VolumeConfig:
     cache_budget_bytes: int | None = None
     low_memory: bool | None = None
     compile: bool | dict = False
+    parameters: Any = "trainable"
 
     def __post_init__(self):
+        for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
+            object.__setattr__(self, name, checks.as_number(getattr(self, name)))
+        self._check_settings()
         try:
             object.__setattr__(self, "model_type", ModelType(self.model_type))
         except ValueError:
@@ -205,6 +241,27 @@ class VolumeConfig:
                 f"preconditioner_type='adaptive' runs adaptive_rounds={rounds} rounds of equal "
                 f"size, so n_samples={n} must be a multiple of it; e.g. "
                 f"n_samples={rounds * -(-n // rounds)}"
+            )
+
+    def _check_settings(self) -> None:
+        """The estimation settings, checked now rather than at :meth:`VolumeEstimator.run`."""
+        checks.check_positive("cutoff", self.cutoff)
+        checks.check_rtol(self.rtol)
+        checks.check_seed(self.seed)
+        if self.sigma is not None:
+            checks.check_positive("sigma", self.sigma)
+        for name in ("data_batch_size", "model_batch_size"):
+            checks.check_positive(name, getattr(self, name), integer=True)
+        try:
+            Measure(self.measure)
+        except ValueError:
+            raise ValueError(
+                f"measure must be 'gaussian' or 'uniform', got {self.measure!r}"
+            ) from None
+        if isinstance(self.parameters, str) and self.parameters not in ("trainable", "all"):
+            raise ValueError(
+                "parameters must be 'trainable', 'all', a list of parameter names or a "
+                f"function (name, parameter) -> bool; got {self.parameters!r}"
             )
 
     def replace(self, **changes) -> VolumeConfig:
@@ -272,10 +329,29 @@ class VolumeEstimator:
 
     @property
     def center(self) -> torch.Tensor:
-        """The trained parameters as one flat vector (a copy)."""
+        """The trained (selected) parameters as one flat vector (a copy)."""
         if self._center is not None:
             return self._center
-        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        return torch.cat([p.detach().reshape(-1) for _, p in self.selected_parameters()])
+
+    def selected_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The ``(name, parameter)`` pairs that make up the centre (``config.parameters``:
+        by default the trainable ones), in ``parameters_to_vector`` order."""
+        flat = getattr(self.fn, "params", None)
+        if isinstance(flat, FlatParameters):
+            return list(flat.named)
+        return select_parameters(self.model, self.config.parameters)
+
+    def _describe_parameters(self) -> dict:
+        """``meta["parameters"]``: which parameters were measured and which were left out."""
+        chosen = self.selected_parameters()
+        names = {n for n, _ in chosen}
+        return {
+            "selection": describe_selection(self.config.parameters),
+            "tensors": len(chosen),
+            "dim": sum(p.numel() for _, p in chosen),
+            "excluded": [n for n, _ in self.model.named_parameters() if n not in names],
+        }
 
     @classmethod
     def from_config(cls, config: VolumeConfig) -> VolumeEstimator:
@@ -315,6 +391,7 @@ class VolumeEstimator:
                 cutoff=cfg.cutoff,
                 sigma=cfg.sigma,
                 seed=cfg.seed,
+                parameters=cfg.parameters,
             )
 
     @property
@@ -322,7 +399,7 @@ class VolumeEstimator:
         """Whether the run writes into the model in place (see ``VolumeConfig.low_memory``)."""
         if self.config.low_memory is not None:
             return bool(self.config.low_memory)
-        return sum(p.numel() for p in self.model.parameters()) >= LOW_MEMORY_THRESHOLD
+        return sum(p.numel() for _, p in self.selected_parameters()) >= LOW_MEMORY_THRESHOLD
 
     def run(
         self,
@@ -377,7 +454,7 @@ class VolumeEstimator:
                     **settings,
                 )
             elif self.low_memory:
-                params = list(self.model.parameters())
+                params = [p for _, p in self.selected_parameters()]
                 dim = sum(p.numel() for p in params)
                 rays = InPlaceRays(
                     self.fn, params, seed=cfg.seed, preconditioner=as_preconditioner(pre, dim)
@@ -402,6 +479,7 @@ class VolumeEstimator:
                     **settings,
                 )
         result.meta["config"] = cfg.describe()
+        result.meta["parameters"] = self._describe_parameters()
         return result
 
 
@@ -417,7 +495,11 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
         )
     with preserved(config.model):
         fn = ClassifierKL(
-            config.model, config.inputs, batch_size=config.data_batch_size, compile=config.compile
+            config.model,
+            config.inputs,
+            batch_size=config.data_batch_size,
+            compile=config.compile,
+            parameters=config.parameters,
         )
     n_classes = fn.ref_logp[0].shape[-1]
     if isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
@@ -503,6 +585,7 @@ def _causal(config: VolumeConfig) -> VolumeEstimator:
         cache_mode=config.cache_mode,
         cache_budget_bytes=config.cache_budget_bytes,
         compile=config.compile,
+        parameters=config.parameters,
     )
     return VolumeEstimator(config, fn.model, fn, fisher_inputs=fn)
 

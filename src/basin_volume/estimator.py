@@ -43,12 +43,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import Preconditioner, as_preconditioner
 from .radius import RayResult, RayStatus, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
-from .result import DirectionRecord, VolumeResult
+from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
 
 __all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
 
@@ -158,6 +159,12 @@ def _check_center(center) -> torch.Tensor:
         )
     if not center.is_floating_point():
         raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
+    if center.device.type == "meta":
+        raise ValueError(
+            "center is on the meta device, which holds shapes but no values (a model built "
+            "with device='meta' or init_empty_weights); load its weights first, e.g. "
+            "model.to_empty(device='cpu') then model.load_state_dict(...)"
+        )
     if center.numel() < 2:
         raise ValueError(f"center must have at least 2 parameters, got {center.numel()}")
     finite = torch.isfinite(center)
@@ -170,11 +177,9 @@ def _check_center(center) -> torch.Tensor:
     return center.detach()
 
 
-def _check_positive(name: str, value, *, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+def _check_positive(name: str, value, *, integer: bool = False) -> int | float:
+    """``value`` as a Python number (numpy and 0-d torch scalars accepted), positive."""
+    return checks.check_positive(name, value, integer=integer)
 
 
 def _resolve_sigma(sigma, norm_c: float, dim: int, measure: Measure) -> float:
@@ -188,7 +193,7 @@ def _resolve_sigma(sigma, norm_c: float, dim: int, measure: Measure) -> float:
                 "(the default prior scale) is 0; pass sigma=<the initialisation scale>"
             )
         return rms
-    _check_positive("sigma", sigma)
+    sigma = _check_positive("sigma", sigma)
     if rms > 0 and not 1e-2 <= sigma / rms <= 1e2:
         warnings.warn(
             f"sigma={sigma:g} is {sigma / rms:.3g} times the RMS of the centre ({rms:.3g}); "
@@ -248,9 +253,10 @@ def estimate(
         Directions are drawn as :math:`Pu/\lVert Pu\rVert` and importance-reweighted.
     rtol : float
         Each radius satisfies :math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\cdot
-        \varepsilon`.
+        \varepsilon`; at most 0.5 (with ``rtol >= 1`` points deep inside the basin would
+        count as its edge).
     seed : int
-        Direction ``k`` depends only on ``(seed, k)``.
+        Direction ``k`` depends only on ``(seed, k)``; ``0 <= seed < 2**63``.
     progress : bool
         Show a progress bar.
     max_evals : int
@@ -292,16 +298,22 @@ def estimate(
     n_moves : int
         Metropolis-Hastings moves per particle and level (``method="smc"``).
 
+    Numbers may be Python, numpy or 0-d torch scalars.
+
     Returns
     -------
     VolumeResult
+        ``meta["center_sha256"]`` fingerprints the centre, so a result is never resumed
+        (``resume_from``) or merged with another basin's.
 
     Warns
     -----
     LowESSWarning
         When a few directions carry almost all of the importance weight.
     RadiusSearchWarning
-        When some directions' radius searches did not converge.
+        When some directions' radius searches did not converge, naming them and why (a
+        direction whose basin is narrower than the centre's float resolution is
+        ``nonfinite``: points that round to the centre are not evaluated).
 
     Examples
     --------
@@ -316,9 +328,9 @@ def estimate(
     True
     """
     center = _check_center(center)
-    _check_seed(seed)
+    seed = _check_seed(seed)
     pre = as_preconditioner(preconditioner, center.numel())
-    _check_positive("model_batch_size", model_batch_size, integer=True)
+    model_batch_size = _check_positive("model_batch_size", model_batch_size, integer=True)
     method = _resolve_method(method, pre, resume_from=resume_from, callback=callback)
     if method is Method.SMC:
         return _estimate_smc(
@@ -373,9 +385,9 @@ def _vmapped_or_none(fn: Callable, center: torch.Tensor) -> Callable | None:
     return None
 
 
-def _check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+def _check_seed(seed) -> int:
+    """``seed`` as an int in ``0 ... 2**63 - 1`` (see :func:`basin_volume.checks.check_seed`)."""
+    return checks.check_seed(seed)
 
 
 def run_rays(
@@ -404,19 +416,21 @@ def run_rays(
         measure = Measure(measure)
     except ValueError:
         raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
-    _check_positive("n_samples", n_samples, integer=True)
-    _check_positive("cutoff", cutoff)
-    _check_positive("rtol", rtol)
-    _check_positive("max_evals", max_evals, integer=True)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_seed(seed)
+    n_samples = _check_positive("n_samples", n_samples, integer=True)
+    cutoff = _check_positive("cutoff", cutoff)
+    rtol = checks.check_rtol(rtol)
+    max_evals = _check_positive("max_evals", max_evals, integer=True)
+    batch_size = _check_positive("batch_size", batch_size, integer=True)
+    seed = _check_seed(seed)
     dim, norm_c = rays.dim, rays.center_norm
     sigma = _resolve_sigma(sigma, norm_c, dim, measure)
     if max_radius is None:
         max_radius = _default_max_radius(measure, norm_c, sigma, dim)
-    _check_positive("max_radius", max_radius)
+    max_radius = _check_positive("max_radius", max_radius)
+    center_sha256 = rays.center_sha256()
     if resume_from is not None:
         _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)
+        _check_same_center(resume_from, center_sha256)
 
     started = time.perf_counter()
     records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
@@ -436,14 +450,7 @@ def run_rays(
         problem = _Problem(
             rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
         )
-        # Every rank runs the warm-up directions itself (they fix the search state); the rest
-        # go in rounds of size x batch_size directions, rank r taking every size-th one, and
-        # each round's records are shared with every rank before the next round starts.
-        warm = [[k] for k in range(len(records), min(WARMUP, n_samples))]
-        rest = list(range(max(len(records), WARMUP), n_samples))
-        step = size * batch_size
-        rounds = [rest[i : i + step] for i in range(0, len(rest), step)]
-        for group, shared in [(g, False) for g in warm] + [(r[rank::size], True) for r in rounds]:
+        for group, shared in _groups(len(records), n_samples, rank, size, batch_size):
             state = _search_state(records[:WARMUP], problem.first_guess)
             new = list(problem.run_group(group, *state))
             if shared and size > 1:
@@ -474,6 +481,7 @@ def run_rays(
         seed=seed,
         meta={
             "f0": f0,
+            "center_sha256": center_sha256,
             **meta,
             "max_radius": max_radius,
             "seconds": time.perf_counter() - started,
@@ -484,6 +492,21 @@ def run_rays(
     if rank == 0:  # once per job, not once per process
         _warn_about(result)
     return result
+
+
+def _groups(done: int, n_samples: int, rank: int, size: int, batch_size: int):
+    """Yield ``(indices, shared)``: the directions this rank searches together, in order.
+
+    Every rank runs the warm-up directions itself, one at a time (they fix the search state);
+    the rest go in rounds of ``size * batch_size`` directions, rank ``r`` taking every
+    ``size``-th one, and each round's records are shared with every rank (``shared``) before
+    the next round starts. Generated lazily: nothing is allocated per direction up front.
+    """
+    for k in range(done, min(WARMUP, n_samples)):
+        yield [k], False
+    step = size * batch_size
+    for start in range(max(done, WARMUP), n_samples, step):
+        yield list(range(start + rank, min(start + step, n_samples), size)), True
 
 
 def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[float, float]:
@@ -521,6 +544,18 @@ def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed
     if prev.n_samples > n_samples:
         raise ValueError(
             f"resume_from already has {prev.n_samples} directions, more than n_samples={n_samples}"
+        )
+
+
+def _check_same_center(prev: VolumeResult, center_sha256: str) -> None:
+    """Refuse to continue a result made around another centre (another basin)."""
+    theirs = recorded_center(prev)
+    if theirs is not None and theirs != center_sha256:
+        raise ValueError(
+            f"resume_from was made around another centre: its center_sha256 is "
+            f"{theirs[:16]}..., this run's is {center_sha256[:16]}...; it is the partial "
+            "result of another basin (another model, checkpoint or dtype): resume it with "
+            "its own centre, or start a new run"
         )
 
 
@@ -602,6 +637,34 @@ def _version() -> str:
     return __version__
 
 
+_WHY = {
+    "nonfinite": "nonfinite (radius 0, no mass): delta was NaN or inf at every radius tried",
+    "narrow": "nonfinite (radius 0, no mass): delta stayed above the cutoff down to radii "
+    "where theta0 + t*omega rounds to theta0 in the centre's dtype, so the basin is narrower "
+    "than float resolution along them (raise the cutoff, or use float64)",
+    "unbounded": "unbounded: delta stayed below the cutoff up to max_radius (radius inf)",
+    "max_evals": "max_evals: the evaluation budget ran out (the best bracket end is kept)",
+    "discontinuous": "discontinuous: delta jumps across the cutoff within float resolution "
+    "(the inner radius is kept)",
+}
+
+
+def _failures(result: VolumeResult) -> list[str]:
+    """One line per way directions failed: why, and which directions."""
+    groups: dict[str, list[int]] = {}
+    for k, status in enumerate(result.status):
+        if status == RayStatus.CONVERGED:
+            continue
+        if status == RayStatus.NONFINITE and math.isfinite(float(result.deltas[k])):
+            status = "narrow"  # the last finite delta was above the cutoff
+        groups.setdefault(status, []).append(k)
+    lines = []
+    for status, ks in groups.items():
+        shown = ", ".join(map(str, ks[:10])) + (f", ... ({len(ks)} in all)" if len(ks) > 10 else "")
+        lines.append(f"{_WHY.get(status, status)} [directions {shown}]")
+    return lines
+
+
 def _warn_about(result: VolumeResult) -> None:
     if result.n_failed:
         counts = {s: result.status.count(s) for s in set(result.status) if s != "converged"}
@@ -610,9 +673,10 @@ def _warn_about(result: VolumeResult) -> None:
             if result.measure == "uniform" and "unbounded" in counts
             else ""
         )
-        warnings.warn(
+        warn_every_time(
             f"{result.n_failed} of {result.n_samples} directions did not converge {counts}; "
-            f"they are included with the radius found (see result.status){hint}",
+            f"they are included with the radius found (see result.status){hint}: "
+            + "; ".join(_failures(result)),
             RadiusSearchWarning,
             stacklevel=3,
         )

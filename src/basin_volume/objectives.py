@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .devices import wide_dtype
-from .parameters import FlatParameters
+from .parameters import FlatParameters, ParameterSelection
 
 __all__ = ["ClassifierKL", "kl_from_logprobs"]
 
@@ -49,6 +49,9 @@ class ClassifierKL:
     compile : bool or dict, optional
         Evaluate the model through :func:`torch.compile` (see
         :class:`~basin_volume.parameters.FlatParameters`).
+    parameters : "trainable", "all", list of str, or callable
+        Which parameters are the basin's coordinates (default the trainable ones; see
+        :func:`~basin_volume.parameters.select_parameters`).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class ClassifierKL:
         *,
         batch_size: int = 4096,
         compile: bool | dict | None = None,
+        parameters: ParameterSelection = "trainable",
     ):
         if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
             raise ValueError(
@@ -66,7 +70,7 @@ class ClassifierKL:
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data_batch_size must be a positive integer, got {batch_size!r}")
-        self.params = FlatParameters(model, compile=compile)
+        self.params = FlatParameters(model, compile=compile, parameters=parameters)
         dtype = self.params.dtype if inputs.is_floating_point() else inputs.dtype
         self.inputs = inputs.to(self.params.device, dtype)
         self.batch_size = batch_size

@@ -345,6 +345,7 @@ def adam_preconditioner(
     order: int = 2,
     eps: float = 1e-5,
     exponent: float = 0.5,
+    parameters="trainable",
 ) -> torch.Tensor:
     r"""Per-parameter scales from an Adam-family optimizer's moment estimates.
 
@@ -379,6 +380,10 @@ def adam_preconditioner(
         :math:`\eta \ge 0`, added after the power.
     exponent : float
         :math:`\gamma > 0`.
+    parameters : "trainable", "all", list of str, or callable
+        With ``model`` a module: which of its parameters get scales, in the order of the
+        basin's vector (default the trainable ones, as in
+        :func:`~basin_volume.parameters.select_parameters`).
 
     Returns
     -------
@@ -398,7 +403,7 @@ def adam_preconditioner(
     _check_eps_exponent(eps, exponent)
     key = "exp_avg_sq" if order == 2 else "exp_avg"
     if isinstance(optimizer_or_state, torch.optim.Optimizer):
-        moments = _moments_from_optimizer(optimizer_or_state, model, key)
+        moments = _moments_from_optimizer(optimizer_or_state, model, key, parameters)
     else:
         state = optimizer_or_state
         if isinstance(state, str | os.PathLike):
@@ -409,14 +414,16 @@ def adam_preconditioner(
                 "with 'state' and 'param_groups'), a file saved from one, or a Trainer "
                 f"checkpoint folder; got {type(optimizer_or_state).__name__}"
             )
-        moments = _moments_from_state_dict(state, model, param_names, key)
+        moments = _moments_from_state_dict(state, model, param_names, key, parameters)
     vector = torch.cat([m.detach().reshape(-1).to("cpu", torch.float64) for m in moments])
     return _scales_from_curvature(vector.abs(), eps=eps, exponent=exponent, what=f"{key} entry")
 
 
-def _named_targets(model) -> list[tuple[str, torch.Tensor]]:
+def _named_targets(model, parameters="all") -> list[tuple[str, torch.Tensor]]:
+    from .parameters import select_parameters
+
     if isinstance(model, nn.Module):
-        named = list(model.named_parameters())
+        named = select_parameters(model, parameters)
     elif isinstance(model, Sequence) and all(isinstance(p, torch.Tensor) for p in model):
         named = [(f"parameter {i}", p) for i, p in enumerate(model)]
     else:
@@ -448,7 +455,9 @@ def _moment(state: Mapping, key: str, name: str, param_shape) -> torch.Tensor:
     return m
 
 
-def _moments_from_optimizer(opt: torch.optim.Optimizer, model, key: str) -> list[torch.Tensor]:
+def _moments_from_optimizer(
+    opt: torch.optim.Optimizer, model, key: str, parameters="trainable"
+) -> list[torch.Tensor]:
     managed = {id(p) for group in opt.param_groups for p in group["params"]}
     if model is None:
         named = []
@@ -458,7 +467,7 @@ def _moments_from_optimizer(opt: torch.optim.Optimizer, model, key: str) -> list
             ]
             named.extend(zip(names, group["params"], strict=True))
     else:
-        named = _named_targets(model)
+        named = _named_targets(model, parameters)
     out = []
     for name, p in named:
         if id(p) not in managed:
@@ -516,7 +525,9 @@ def _trainer_orders(model: nn.Module) -> list[list[str]]:
     return orders
 
 
-def _moments_from_state_dict(state_dict: Mapping, model, param_names, key) -> list[torch.Tensor]:
+def _moments_from_state_dict(
+    state_dict: Mapping, model, param_names, key, parameters="trainable"
+) -> list[torch.Tensor]:
     if model is None:
         raise ValueError(
             "model is required with an optimizer state_dict or file: it holds no parameter "
@@ -593,7 +604,7 @@ def _moments_from_state_dict(state_dict: Mapping, model, param_names, key) -> li
             raise ValueError(f"parameter {n!r} appears twice in the optimizer's order")
         by_name[n] = states.get(i, {})
     out = []
-    for name, p in named:
+    for name, p in _named_targets(model, parameters):
         if name not in by_name:
             raise ValueError(
                 f"parameter {name!r} has no optimizer state (frozen, or not given to the "
@@ -634,6 +645,7 @@ def _fisher_rows(
     n_samples: int,
     batch_size: int | None,
     seed: int,
+    parameters="trainable",
 ) -> Iterator[torch.Tensor]:
     r"""Yield float64 blocks ``R`` of weighted per-example score vectors, so that the Fisher is
     :math:`F = \frac1N \sum R^\top R` over all blocks (``N`` = number of inputs).
@@ -656,8 +668,8 @@ def _fisher_rows(
             raise TypeError(f"{name} must be an int, got {value!r}")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    flat = FlatParameters(model)
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = FlatParameters(model, parameters=parameters)
+    params = {n: p.detach() for n, p in flat.named}
     dtype = flat.dtype if inputs.is_floating_point() else inputs.dtype
     inputs = inputs.to(flat.device, dtype)
 
@@ -715,6 +727,7 @@ def fisher_diagonal(
     n_samples: int = 1,
     batch_size: int | None = None,
     seed: int = 0,
+    parameters="trainable",
 ) -> torch.Tensor:
     r"""Diagonal of the Fisher information of a classifier's predictive distribution.
 
@@ -745,11 +758,15 @@ def fisher_diagonal(
         Inputs per vectorised pass; default keeps a block of gradients near 256 MB.
     seed : int
         Seeds the sampled labels.
+    parameters : "trainable", "all", list of str, or callable
+        The parameters the Fisher is taken over (default the trainable ones; see
+        :func:`~basin_volume.parameters.select_parameters`). A causal-LM objective uses its
+        own selection.
 
     Returns
     -------
     torch.Tensor
-        float64 ``[D]`` on the CPU, in ``parameters_to_vector`` order.
+        float64 ``[D]`` on the CPU, in ``parameters_to_vector`` order of those parameters.
     """
     if hasattr(inputs, "fisher_diagonal"):  # a causal-LM objective holding its own tokens
         if _fisher_labels(labels) is FisherLabels.FULL:
@@ -760,7 +777,13 @@ def fisher_diagonal(
         return inputs.fisher_diagonal(n_samples=n_samples, seed=seed)
     total = None
     for rows in _fisher_rows(
-        model, inputs, labels=labels, n_samples=n_samples, batch_size=batch_size, seed=seed
+        model,
+        inputs,
+        labels=labels,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        seed=seed,
+        parameters=parameters,
     ):
         sq = rows.square().sum(0)
         total = sq if total is None else total + sq
@@ -776,6 +799,7 @@ def fisher_matrix(
     batch_size: int | None = None,
     seed: int = 0,
     max_dim: int = 20_000,
+    parameters="trainable",
 ) -> torch.Tensor:
     r"""The dense Fisher information :math:`F = \frac1N\sum_x \mathbb{E}_y[g g^\top]`,
     :math:`g = \nabla_\theta \log p_{\theta_0}(y\mid x)`: the Hessian of the KL basin at the
@@ -787,7 +811,9 @@ def fisher_matrix(
     torch.Tensor
         float64 ``[D, D]`` on the CPU; feed it to :class:`DensePreconditioner`.
     """
-    dim = sum(p.numel() for p in model.parameters())
+    from .parameters import select_parameters
+
+    dim = sum(p.numel() for _, p in select_parameters(model, parameters))
     if dim > max_dim:
         raise ValueError(
             f"the model has D={dim} parameters: a dense [D, D] Fisher needs "
@@ -796,7 +822,13 @@ def fisher_matrix(
         )
     total = torch.zeros(dim, dim, dtype=torch.float64)
     for rows in _fisher_rows(
-        model, inputs, labels=labels, n_samples=n_samples, batch_size=batch_size, seed=seed
+        model,
+        inputs,
+        labels=labels,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        seed=seed,
+        parameters=parameters,
     ):
         total.addmm_(rows.T, rows)
     return total / len(inputs)
@@ -812,6 +844,7 @@ def fisher_preconditioner(
     n_samples: int = 1,
     batch_size: int | None = None,
     seed: int = 0,
+    parameters="trainable",
 ) -> torch.Tensor:
     r"""Per-parameter scales :math:`p_i = 1/(F_{ii}^{\gamma} + \eta)` from the diagonal Fisher
     of the KL basin (:func:`fisher_diagonal`); needs no optimizer state.
@@ -828,6 +861,12 @@ def fisher_preconditioner(
     """
     _check_eps_exponent(eps, exponent)
     diag = fisher_diagonal(
-        model, inputs, labels=labels, n_samples=n_samples, batch_size=batch_size, seed=seed
+        model,
+        inputs,
+        labels=labels,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        seed=seed,
+        parameters=parameters,
     )
     return _scales_from_curvature(diag, eps=eps, exponent=exponent, what="Fisher entry")

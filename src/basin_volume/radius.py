@@ -37,7 +37,11 @@ class RayStatus(enum.StrEnum):
     """delta jumps across the cutoff between two radii equal to float precision; the inner
     one is returned."""
     NONFINITE = "nonfinite"
-    """delta was never finite and below the cutoff at any radius tried."""
+    """delta was never finite and below the cutoff at any radius tried. A radius at which
+    theta0 + t*omega rounds to theta0 carries no information and counts as non-finite (the
+    estimator's ray evaluators return NaN there), so a basin narrower than the float
+    resolution of the centre ends here too; ``delta`` is then the last finite value seen
+    (above the cutoff), and NaN when there was none."""
 
 
 @dataclass(frozen=True)
@@ -218,5 +222,7 @@ def radius_search(
         if math.isfinite(hi_d) and math.isfinite(hi_t) and abs(hi_d - cutoff) < abs(lo_d - cutoff):
             best_t, best_d = hi_t, hi_d
         return RayResult(best_t, best_d, max_evals, RayStatus.MAX_EVALS, measured_slope)
-    status = RayStatus.MAX_EVALS if math.isfinite(hi_d) else RayStatus.NONFINITE
-    return RayResult(hi_t, hi_d, max_evals, status, measured_slope)
+    if math.isfinite(hi_d):
+        return RayResult(hi_t, hi_d, max_evals, RayStatus.MAX_EVALS, measured_slope)
+    seen = last[1] if last is not None else hi_d  # the last finite delta, all above the cutoff
+    return RayResult(hi_t, seen, max_evals, RayStatus.NONFINITE, measured_slope)

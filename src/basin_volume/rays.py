@@ -27,6 +27,7 @@ import torch
 from . import directions
 from .devices import available_ram_bytes, wide_dtype
 from .directions import normal_chunks, normal_vector, sample_direction
+from .parameters import center_sha256
 from .preconditioners import DiagonalPreconditioner, Preconditioner
 
 __all__ = ["DenseRays", "InPlaceRays", "RayStart"]
@@ -91,6 +92,10 @@ class DenseRays:
         with torch.no_grad():
             return scalar(self.fn(self.center), "fn(center)")
 
+    def center_sha256(self) -> str:
+        """SHA-256 of the centre's bytes (see :func:`basin_volume.parameters.center_sha256`)."""
+        return center_sha256([self.center])
+
     def start(self, index: int) -> RayStart:
         d = sample_direction(index, self.dim, seed=self.seed, preconditioner=self.pre)
         self.omega = d.omega.to(self.center.device, wide_dtype(self.center.device))
@@ -98,8 +103,12 @@ class DenseRays:
         return RayStart(d.prop, float(d.omega @ self.center64))
 
     def value_at(self, t: float) -> float:
+        """``fn`` at distance ``t`` along the current direction; NaN (no information, and no
+        evaluation) where ``theta0 + t * omega`` rounds to ``theta0`` itself."""
         with torch.no_grad():
             theta = self.center + (t * self.omega).to(self.center.dtype)
+            if torch.equal(theta, self.center):
+                return math.nan
             return scalar(self.fn(theta), f"fn at direction {self.index}")
 
     def start_many(self, indices: Sequence[int]) -> list[RayStart]:
@@ -119,16 +128,22 @@ class DenseRays:
                 out.append(self.value_at(t))
             return out
         with torch.no_grad():
-            thetas = torch.stack(
-                [self.center + (t * self.omegas[slot]).to(self.center.dtype) for slot, t in pairs]
-            )
-            values = self.batch_fn(thetas)
-        if not isinstance(values, torch.Tensor) or values.shape != (len(pairs),):
+            points = [
+                self.center + (t * self.omegas[slot]).to(self.center.dtype) for slot, t in pairs
+            ]
+            moved = [i for i, theta in enumerate(points) if not torch.equal(theta, self.center)]
+            out = [math.nan] * len(pairs)  # points that round to the centre: no information
+            if not moved:
+                return out
+            values = self.batch_fn(torch.stack([points[i] for i in moved]))
+        if not isinstance(values, torch.Tensor) or values.shape != (len(moved),):
             raise ValueError(
-                f"batch_fn must return a tensor of shape ({len(pairs)},) for {len(pairs)} "
+                f"batch_fn must return a tensor of shape ({len(moved)},) for {len(moved)} "
                 f"parameter vectors, got {getattr(values, 'shape', type(values))}"
             )
-        return values.detach().to("cpu", torch.float64).tolist()
+        for i, value in zip(moved, values.detach().to("cpu", torch.float64).tolist(), strict=True):
+            out[i] = value
+        return out
 
     def restore(self) -> None:
         self.omega, self.omegas = None, []
@@ -268,6 +283,10 @@ class InPlaceRays:
         with torch.no_grad():
             return scalar(self.fn(), "fn(center)")
 
+    def center_sha256(self) -> str:
+        """SHA-256 of the centre's bytes (see :func:`basin_volume.parameters.center_sha256`)."""
+        return center_sha256(self.saved)
+
     def start(self, index: int) -> RayStart:
         self.index = index
         z_sq = v_sq = dot = 0.0
@@ -283,12 +302,20 @@ class InPlaceRays:
         return RayStart(prop, dot / self.v_norm)
 
     def value_at(self, t: float) -> float:
+        """``fn`` with ``theta0 + t * omega`` written into the parameters; NaN (no
+        information, and no evaluation) where that point rounds to ``theta0`` itself."""
         with torch.no_grad():
+            moved = torch.zeros((), dtype=torch.bool, device=self.device)
             for start, _, v in self._chunks(self.index):
                 step = t * (v / self.v_norm)
                 for j, in_p, in_c in self._pieces(start, v.numel()):
                     target = self.params[j].view(-1)[in_p]
-                    target.copy_(self.saved[j].view(-1)[in_p] + step[in_c].to(target.dtype))
+                    saved = self.saved[j].view(-1)[in_p]
+                    point = saved + step[in_c].to(target.dtype)
+                    moved |= (point != saved).any()
+                    target.copy_(point)
+            if not bool(moved):
+                return math.nan
             return scalar(self.fn(), f"fn at direction {self.index}")
 
     def start_many(self, indices: Sequence[int]) -> list[RayStart]:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+from .checks import MAX_RTOL, MAX_SEED, as_number
+from .radius import RayStatus
 
 __all__ = ["DirectionRecord", "LowESSWarning", "ResultFileError", "VolumeResult"]
 
@@ -48,6 +52,51 @@ class ResultFileError(ValueError):
     """A results file is not a valid saved :class:`VolumeResult`."""
 
 
+_STATUSES = frozenset(s.value for s in RayStatus)
+_NOT_A_RESULT = "not a Tyche results file"
+
+
+def warn_every_time(message: str, category: type[Warning], *, stacklevel: int = 2) -> None:
+    """:func:`warnings.warn`, but shown every time it is issued under the default filters.
+
+    Python's default action shows a warning once per code location (and message), so in a
+    loop over checkpoints a later untrustworthy result would go unflagged. The user's own
+    filters (``"ignore"``, ``"error"``, ``"once"``) still apply. ``stacklevel`` counts as in
+    :func:`warnings.warn`, from the caller of this function.
+    """
+    frame = sys._getframe(1)
+    for _ in range(stacklevel - 1):
+        if frame.f_back is None:
+            break
+        frame = frame.f_back
+    module_globals = frame.f_globals
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=module_globals.get("__name__", "<unknown>"),
+        registry=None,  # no "already shown here" record: each result is flagged
+        module_globals=module_globals,
+    )
+
+
+def recorded_center(result: VolumeResult) -> str | None:
+    """The ``center_sha256`` a result records (from :func:`basin_volume.estimate`, a run log
+    or a results file), or ``None`` when it records none."""
+    meta = result.meta
+    sha = meta.get("center_sha256")
+    if sha is None and isinstance(meta.get("settings"), dict):
+        sha = meta["settings"].get("center_sha256")
+    return sha if isinstance(sha, str) else None
+
+
+def _recorded_data(result: VolumeResult) -> Any:
+    """The data fingerprint a results file records (``None`` when none)."""
+    data = result.meta.get("data")
+    return data if isinstance(data, str) else None
+
+
 def _logmeanexp(x: torch.Tensor) -> float:
     if x.numel() == 0:
         return math.nan
@@ -67,7 +116,10 @@ def _decode(x: Any) -> float:
         raise ResultFileError(f"expected a number or 'nan'/'inf'/'-inf', found {x!r}")
     if isinstance(x, bool) or not isinstance(x, int | float):
         raise ResultFileError(f"expected a number, found {x!r}")
-    return x
+    try:
+        return float(x)
+    except OverflowError:  # an integer beyond float range
+        raise ResultFileError(f"expected a number within float range, found {x!r}") from None
 
 
 @dataclass(frozen=True)
@@ -90,19 +142,43 @@ class DirectionRecord:
     @classmethod
     def from_json(cls, data: dict) -> DirectionRecord:
         try:
-            return cls(
-                index=int(_decode(data["index"])),
+            record = cls(
+                index=_integer(data["index"]),
                 estimate=float(_decode(data["estimate"])),
                 delta=float(_decode(data["delta"])),
                 prop=float(_decode(data["prop"])),
                 radius=float(_decode(data["radius"])),
                 logabsint=float(_decode(data["logabsint"])),
-                n_evals=int(_decode(data["n_evals"])),
-                status=str(data["status"]),
+                n_evals=_integer(data["n_evals"]),
+                status=data["status"],
                 slope=float(_decode(data["slope"])),
             )
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ResultFileError) as err:
             raise ResultFileError(f"malformed direction record {data!r}: {err}") from None
+        problem = _record_problem(record)
+        if problem:
+            raise ResultFileError(f"malformed direction record {data!r}: {problem}")
+        return record
+
+
+def _integer(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or not -(2**63) <= x < 2**63:
+        raise ResultFileError(f"expected a 64-bit integer, found {x!r}")
+    return x
+
+
+def _record_problem(r: DirectionRecord) -> str | None:
+    """What is impossible about one direction's values (``None`` when nothing)."""
+    checks = (
+        (r.index >= 0, f"index {r.index} is negative"),
+        (isinstance(r.status, str) and r.status in _STATUSES, f"unknown status {r.status!r}"),
+        (not math.isnan(r.estimate), "estimate is NaN"),
+        (r.prop > 0 and math.isfinite(r.prop), f"prop {r.prop!r} is not a positive number"),
+        (r.radius >= 0, f"radius {r.radius!r} is not >= 0"),
+        (not math.isnan(r.logabsint), "logabsint is NaN"),
+        (r.n_evals >= 0, f"n_evals {r.n_evals} is negative"),
+    )
+    return next((message for ok, message in checks if not ok), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,6 +352,17 @@ class VolumeResult:
         return float(w.max() / w.sum())
 
     @property
+    def low_ess(self) -> bool:
+        """Whether a few directions carry almost all the weight (ESS below
+        ``min(5, n / 2)``): ``log_volume`` is then likely a lower bound and its interval too
+        narrow. Said by :meth:`summary`, saved in the JSON, warned by
+        :meth:`warn_if_unreliable`. Always false for SMC results, whose rows are not
+        importance weights (their check is the replicas' agreement)."""
+        if self.method == "smc":
+            return False
+        return self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples)
+
+    @property
     def n_failed(self) -> int:
         """Directions whose radius search did not converge."""
         return sum(s != "converged" for s in self.status)
@@ -303,8 +390,12 @@ class VolumeResult:
         resampling of the observed directions can reach above the point estimate: the true
         value is then likely higher than the whole interval. A :class:`LowESSWarning` says so.
         """
-        if not 0 < level < 1:
-            raise ValueError(f"level must be in (0, 1), got {level}")
+        level = as_number(level)
+        if isinstance(level, bool) or not isinstance(level, int | float) or not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), got {level!r}")
+        n_boot = as_number(n_boot)
+        if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+            raise ValueError(f"n_boot must be a positive integer (resamples), got {n_boot!r}")
         if self.method == "smc":
             return self._replica_interval(level)
         n = self.n_samples
@@ -336,25 +427,30 @@ class VolumeResult:
         return self.log_volume - half, self.log_volume + half
 
     def warn_if_unreliable(self, *, stacklevel: int = 2) -> None:
-        """Warn when the ESS is low (the estimate is then likely a lower bound)."""
-        ess = self.ess
+        """Warn when the ESS is low (the estimate is then likely a lower bound).
+
+        The warning is shown for every result it concerns, also under Python's default
+        filters (which would show it once per code location), and names the result's
+        ``log_volume``, so in a loop over checkpoints each untrustworthy one is flagged.
+        """
         if self.method == "smc":
             spread = torch.tensor(self.replicas, dtype=torch.float64).std()
             if len(self.replicas) >= 2 and not float(spread) <= SMC_SPREAD:
-                warnings.warn(
-                    f"the {len(self.replicas)} SMC replicas disagree (standard deviation "
-                    f"{float(spread):.3g} nats): the estimate is not converged; raise "
-                    "n_samples (particles) or budget",
+                warn_every_time(
+                    f"log_volume {self.log_volume:.6g}: the {len(self.replicas)} SMC replicas "
+                    f"disagree (standard deviation {float(spread):.3g} nats), so the estimate "
+                    "is not converged; raise n_samples (particles) or n_moves",
                     LowESSWarning,
                     stacklevel=stacklevel,
                 )
             return
-        if self.n_samples >= 2 and ess < min(LOW_ESS, 0.5 * self.n_samples):
-            warnings.warn(
-                f"effective sample size {ess:.2f} of {self.n_samples} directions (the top "
-                f"direction carries {100 * self.top_weight_share:.0f}% of the weight): "
-                "log_volume is likely a lower bound and its interval too narrow; use more "
-                "directions or a better preconditioner",
+        if self.low_ess:
+            warn_every_time(
+                f"log_volume {self.log_volume:.6g}: effective sample size {self.ess:.2f} of "
+                f"{self.n_samples} directions (the top direction carries "
+                f"{100 * self.top_weight_share:.0f}% of the weight), so log_volume is likely a "
+                "lower bound and its interval too narrow; use more directions or a better "
+                "preconditioner",
                 LowESSWarning,
                 stacklevel=stacklevel,
             )
@@ -380,7 +476,7 @@ class VolumeResult:
                 f"method: SMC, {len(self.replicas)} replicas, levels {info.get('levels')}, "
                 f"objective evaluations {int(self.n_evals.sum())} in all"
             )
-        elif self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples):
+        elif self.low_ess:
             lines.append("warning: ESS is low, so the estimate is likely a lower bound")
         if self.n_failed:
             counts = {s: self.status.count(s) for s in sorted(set(self.status)) if s != "converged"}
@@ -391,15 +487,24 @@ class VolumeResult:
     def merge(cls, results: list[VolumeResult]) -> VolumeResult:
         """Pool the directions of independent runs of the same basin (different seeds).
 
-        The runs must share ``dim``, ``measure``, ``cutoff``, ``sigma`` and ``rtol``; their
-        seeds must differ (equal seeds would repeat the same directions). The pooled
-        log-mean-exp is the estimate from all directions together. A merged result records
-        its parts in ``meta["merged_seeds"]`` and cannot be resumed.
+        The runs must share ``dim``, ``measure``, ``cutoff``, ``sigma`` and ``rtol``, and,
+        where they record them, the centre (``center_sha256``) and the evaluation data
+        (``data``); their seeds must differ (equal seeds would repeat the same directions).
+        The pooled log-mean-exp is the estimate from all directions together. A merged result
+        records its parts in ``meta["merged_seeds"]`` and cannot be resumed.
         """
         results = list(results)
         if not results:
             raise ValueError("merge needs at least one result")
         first = results[0]
+        for name, of in (("center_sha256", recorded_center), ("data", _recorded_data)):
+            known = {of(r) for r in results} - {None}
+            if len(known) > 1:
+                raise ValueError(
+                    f"cannot merge results with different {name}: "
+                    f"{', '.join(sorted(v[:16] + '...' for v in known))}; they measure "
+                    f"different basins (another model, checkpoint or data)"
+                )
         for other in results[1:]:
             for name in ("dim", "measure", "cutoff", "rtol", "method"):
                 if getattr(other, name) != getattr(first, name):
@@ -422,6 +527,9 @@ class VolumeResult:
         rows = [rec for r in results for rec in r.records()]
         rows = [DirectionRecord(**{**rec.__dict__, "index": i}) for i, rec in enumerate(rows)]
         meta = {"merged_seeds": seeds, "parts": [r.meta for r in results]}
+        center = {recorded_center(r) for r in results} - {None}
+        if center:
+            meta["center_sha256"] = center.pop()
         return cls.from_records(
             rows,
             dim=first.dim,
@@ -451,21 +559,40 @@ class VolumeResult:
                 out[f.name] = value
         out["log_volume"] = _encode(self.log_volume)
         out["ess"] = _encode(self.ess)
+        out["low_ess"] = self.low_ess
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the result as JSON (never pickle), atomically."""
+        """Write the result as JSON (never pickle), atomically; nothing is left behind when
+        writing fails."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{path} is a folder; give a file name such as {os.path.join(path, 'result.json')}"
+            )
         tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1, default=str)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=1, default=str)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def from_dict(cls, data: dict) -> VolumeResult:
-        """Inverse of :meth:`to_dict`, validating every field."""
+        """Inverse of :meth:`to_dict`, validating every field.
+
+        Raises
+        ------
+        ResultFileError
+            Naming the field that is missing, of the wrong type or out of range (an unknown
+            status, arrays of different lengths, ``dim < 1``, a NaN estimate, a stored
+            ``log_volume`` or ``ess`` that the estimates do not give...).
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ResultFileError(f"not a basin_volume result (missing format={FORMAT!r})")
+            raise ResultFileError(f"{_NOT_A_RESULT} (missing format={FORMAT!r})")
         if data.get("version") != FORMAT_VERSION:
             raise ResultFileError(f"unsupported result version {data.get('version')!r}")
         kwargs: dict[str, Any] = {}
@@ -474,8 +601,11 @@ class VolumeResult:
                 values = data[name]
                 if not isinstance(values, list):
                     raise ResultFileError(f"field {name!r} must be a list")
-                dtype = torch.int64 if name == "n_evals" else torch.float64
-                kwargs[name] = torch.tensor([_decode(v) for v in values], dtype=dtype)
+                if name == "n_evals":
+                    kwargs[name] = torch.tensor(_field(name, _integer, values), dtype=torch.int64)
+                else:
+                    floats = _field(name, _decode, values)
+                    kwargs[name] = torch.tensor(floats, dtype=torch.float64)
             status = data["status"]
             if not isinstance(status, list) or not all(isinstance(s, str) for s in status):
                 raise ResultFileError("field 'status' must be a list of strings")
@@ -485,7 +615,10 @@ class VolumeResult:
                     raise ResultFileError(f"field {name!r} must be {kind.__name__}")
                 kwargs[name] = data[name]
             for name in ("cutoff", "sigma", "rtol"):
-                kwargs[name] = float(_decode(data[name]))
+                try:
+                    kwargs[name] = float(_decode(data[name]))
+                except ResultFileError as err:
+                    raise ResultFileError(f"field {name!r}: {err}") from None
             kwargs["method"] = data.get("method", "is")  # files before SMC existed: "is"
             replicas = data.get("replicas", [])
             if not isinstance(replicas, list):
@@ -493,20 +626,130 @@ class VolumeResult:
             kwargs["replicas"] = tuple(float(_decode(v)) for v in replicas)
         except KeyError as err:
             raise ResultFileError(f"missing field {err.args[0]!r}") from None
-        try:
-            return cls(**kwargs)
-        except ValueError as err:
-            raise ResultFileError(str(err)) from None
+        lengths = {name: len(kwargs[name]) for name in (*_TENSOR_FIELDS, "status")}
+        if len(set(lengths.values())) > 1:
+            raise ResultFileError(
+                f"the per-direction fields have different lengths {lengths}; every one must "
+                "hold one entry per direction"
+            )
+        _check_settings(kwargs)
+        result = cls(**kwargs)
+        _check_directions(result)
+        _check_derived(result, data)
+        return result
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VolumeResult:
-        """Read a result written by :meth:`save`."""
+        """Read a result written by :meth:`save`.
+
+        Raises
+        ------
+        ResultFileError
+            When the file is not a valid results file (not JSON text, a run log, a field
+            missing or out of range), naming the file and the field.
+        """
+        where = os.fspath(path)
         try:
-            with open(path) as fh:
-                data = json.load(fh)
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise ResultFileError(
+                f"{where}: {_NOT_A_RESULT} (it is binary, not JSON text; results are never "
+                "pickled)"
+            ) from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ResultFileError(f"{os.fspath(path)}: not valid JSON ({err})") from None
+            if _is_run_log(text):
+                raise ResultFileError(
+                    f"{where} is a run log (one JSON line per direction), not a results file; "
+                    "read it with basin_volume.load_result"
+                ) from None
+            raise ResultFileError(f"{where}: {_NOT_A_RESULT} (not valid JSON: {err})") from None
         try:
             return cls.from_dict(data)
         except ResultFileError as err:
-            raise ResultFileError(f"{os.fspath(path)}: {err}") from None
+            raise ResultFileError(f"{where}: {err}") from None
+
+
+def _is_run_log(text: str) -> bool:
+    try:
+        header = json.loads(text.split("\n", 1)[0])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(header, dict) and header.get("format") == "basin_volume.run"
+
+
+def _field(name: str, convert, values: list) -> list:
+    """``convert`` applied to every entry of field ``name``, errors naming the field."""
+    out = []
+    for k, v in enumerate(values):
+        try:
+            out.append(convert(v))
+        except ResultFileError as err:
+            raise ResultFileError(f"entry {k} of field {name!r}: {err}") from None
+    return out
+
+
+def _check_settings(kwargs: dict) -> None:
+    """The run's settings are in range (as the estimator would have accepted them)."""
+    measure, sigma = kwargs["measure"], kwargs["sigma"]
+    gaussian_sigma = math.isfinite(sigma) and sigma > 0
+    checks = (
+        ("dim", 1 <= kwargs["dim"] < 2**63, "a positive 64-bit integer"),
+        ("measure", measure in ("gaussian", "uniform"), "'gaussian' or 'uniform'"),
+        ("cutoff", math.isfinite(kwargs["cutoff"]) and kwargs["cutoff"] > 0, "a positive number"),
+        ("rtol", 0 < kwargs["rtol"] <= MAX_RTOL, f"a number in (0, {MAX_RTOL}]"),
+        ("seed", 0 <= kwargs["seed"] <= MAX_SEED, "an integer in 0 ... 2**63 - 1"),
+        (
+            "sigma",
+            gaussian_sigma if measure == "gaussian" else gaussian_sigma or math.isnan(sigma),
+            "a positive number (NaN for the uniform measure)",
+        ),
+    )
+    for name, ok, what in checks:
+        if not ok:
+            raise ResultFileError(f"field {name!r} must be {what}, found {kwargs[name]!r}")
+    bad = [s for s in kwargs["status"] if s not in _STATUSES]
+    if bad:
+        raise ResultFileError(
+            f"field 'status' holds unknown status {bad[0]!r}; known: {sorted(_STATUSES)}"
+        )
+
+
+def _check_directions(result: VolumeResult) -> None:
+    """Every direction's values are possible."""
+    for record in result.records():
+        problem = _record_problem(record)
+        if problem:
+            raise ResultFileError(f"direction {record.index}: {problem}")
+    radii = result.mults * result.props
+    ok = (radii == result.radii) | torch.isclose(radii, result.radii, rtol=1e-9, atol=0.0)
+    if not bool(ok.all()):
+        k = int((~ok).nonzero()[0])
+        raise ResultFileError(
+            f"entry {k} of field 'mults' ({float(result.mults[k])!r}) is not radii / props "
+            f"({float(result.radii[k])!r} / {float(result.props[k])!r})"
+        )
+
+
+def _check_derived(result: VolumeResult, data: dict) -> None:
+    """Stored summaries (``log_volume``, ``ess``, ``low_ess``) agree with the estimates."""
+    for name in ("log_volume", "ess"):
+        if name not in data:
+            continue
+        try:
+            stored = float(_decode(data[name]))
+        except ResultFileError as err:
+            raise ResultFileError(f"field {name!r}: {err}") from None
+        actual = getattr(result, name)
+        same = stored == actual or (math.isnan(stored) and math.isnan(actual))
+        if not (same or math.isclose(stored, actual, rel_tol=1e-9, abs_tol=1e-12)):
+            raise ResultFileError(
+                f"field {name!r} is {stored!r} but the estimates give {actual!r}; the file "
+                "was altered or damaged"
+            )
+    if "low_ess" in data and data["low_ess"] is not result.low_ess:
+        raise ResultFileError(
+            f"field 'low_ess' is {data['low_ess']!r} but the estimates give {result.low_ess!r}"
+        )

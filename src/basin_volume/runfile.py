@@ -33,6 +33,12 @@ together, so only their sum is meaningful.
 When the run completes, the full :class:`~basin_volume.VolumeResult` is written to
 ``results.json`` as JSON (never pickle), with the configuration, environment and timings in its
 ``meta``; :meth:`VolumeResult.load` reads it back and :func:`load_result` reads either file.
+
+A run holds an exclusive lock on its run log for its whole life (``fcntl.flock`` on
+``results.records.jsonl.lock``, which names the holder's PID and is removed when the run
+ends; the kernel drops the lock if the process dies). A second process on the same run log
+refuses with :class:`RunInUseError` naming that PID, so two sessions never interleave their
+lines.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import errno
 import hashlib
 import inspect
 import itertools
@@ -54,16 +61,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import checks
 from .adaptive import PreconditionerType
 from .config import VolumeConfig, VolumeEstimator
 from .distributed import from_rank0, init_from_env, world
-from .estimator import Measure, estimate
+from .estimator import Measure, _check_center, estimate
 from .result import DirectionRecord, ResultFileError, VolumeResult
+
+try:  # POSIX; elsewhere the lock file is created exclusively instead
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = [
     "ResumeError",
+    "RunInUseError",
     "RunLog",
     "check_writable",
     "estimate_to_file",
@@ -100,6 +115,115 @@ class ResumeError(ValueError):
         self.field = field
 
 
+class RunInUseError(RuntimeError):
+    """Another process holds the run log: it is running (writing) the same run.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The run log.
+    pid : int or None
+        The process holding it (``None`` when it could not be read).
+    """
+
+    def __init__(self, message: str, *, path: Path, pid: int | None):
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+
+
+class RunLock:
+    """An exclusive lock on a run log for the life of a run (see the module notes).
+
+    Use :meth:`acquire`; :meth:`release` (idempotent) unlocks and removes the lock file.
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @staticmethod
+    def lock_path(log_path: Path) -> Path:
+        """The lock file of a run log: ``x.records.jsonl`` -> ``x.records.jsonl.lock``."""
+        return log_path.with_name(log_path.name + ".lock")
+
+    @classmethod
+    def acquire(cls, log_path: str | os.PathLike) -> RunLock:
+        """Lock the run log at ``log_path``, or raise :class:`RunInUseError`."""
+        log_path = Path(log_path)
+        path = cls.lock_path(log_path)
+        if fcntl is None:  # Windows
+            return cls._acquire_exclusive(log_path, path)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    warnings.warn(  # e.g. a network file system without locks: run unlocked
+                        f"cannot lock {log_path} ({err.strerror or err}); a second process on "
+                        "this run log would not be refused",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    break
+                pid = _read_pid(path)
+                os.close(fd)
+                raise _in_use(log_path, pid, "") from None
+            try:  # the file may have been removed by its last holder since we opened it
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    @classmethod
+    def _acquire_exclusive(cls, log_path: Path, path: Path) -> RunLock:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            hint = (
+                f"; this platform has no fcntl locks, so a crashed run leaves {path} behind: "
+                "if that process is not running, delete the file"
+            )
+            raise _in_use(log_path, _read_pid(path), hint) from None
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlock and remove the lock file (while still holding it, so no one is cut out)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _in_use(log_path: Path, pid: int | None, hint: str) -> RunInUseError:
+    who = f"process {pid}" if pid is not None else "another process (PID unknown)"
+    return RunInUseError(
+        f"{log_path} is in use: {who} is running this run; wait for it to finish (or stop it) "
+        f"before resuming, or write to another output{hint}",
+        path=log_path,
+        pid=pid,
+    )
+
+
 # ---------------------------------------------------------------------------- paths and io
 def records_path(output: str | os.PathLike) -> Path:
     """The run log kept beside a results file: ``x.json`` -> ``x.records.jsonl``.
@@ -125,6 +249,8 @@ def _jsonable(value: Any) -> Any:
     """Plain JSON values: non-finite floats as strings, tensors and objects by description."""
     if isinstance(value, enum.Enum):
         return _jsonable(value.value)
+    if isinstance(value, np.generic) and isinstance(value.item(), bool | int | float):
+        return _jsonable(value.item())
     if isinstance(value, bool) or value is None or isinstance(value, str | int):
         return value
     if isinstance(value, float):
@@ -218,25 +344,46 @@ class RunLog:
         return self.header["settings"]
 
     def to_result(self) -> VolumeResult:
-        """The finished directions as a (possibly partial) :class:`VolumeResult`."""
+        """The finished directions as a (possibly partial) :class:`VolumeResult`.
+
+        Raises
+        ------
+        ResultFileError
+            When the header's settings are damaged (a field missing or out of range).
+        """
         s = self.settings
-        return VolumeResult.from_records(
+        try:
+            fields = {
+                "dim": s["dim"],
+                "measure": s["measure"],
+                "cutoff": float(_number(s["cutoff"])),
+                "sigma": float(_number(s["sigma"])),
+                "rtol": float(_number(s["rtol"])),
+                "seed": s["seed"],
+            }
+            n_samples = s["n_samples"]
+        except KeyError as err:
+            raise ResultFileError(f"{self.path}: the header has no {err.args[0]!r}") from None
+        except ResultFileError as err:
+            raise ResultFileError(f"{self.path}: {err}") from None
+        result = VolumeResult.from_records(
             self.records,
-            dim=int(s["dim"]),
-            measure=str(s["measure"]),
-            cutoff=float(_number(s["cutoff"])),
-            sigma=float(_number(s["sigma"])),
-            rtol=float(_number(s["rtol"])),
-            seed=int(s["seed"]),
+            **fields,
             meta={
-                "partial": len(self.records) < int(s["n_samples"]),
+                "partial": not isinstance(n_samples, int) or len(self.records) < n_samples,
                 "run_log": os.fspath(self.path),
+                "settings": s,
+                "data": self.header.get("data"),
                 "config": self.header.get("config", {}),
                 "spec": self.header.get("spec", {}),
                 "environment": self.header.get("environment", {}),
                 "timings": _timings(self.seconds, self.sessions),
             },
         )
+        try:  # the same checks as a results file's
+            return VolumeResult.from_dict(result.to_dict())
+        except ResultFileError as err:
+            raise ResultFileError(f"{self.path}: {err}") from None
 
 
 def _number(value: Any) -> float:
@@ -467,7 +614,15 @@ class _Job:
 
 
 def _settings(tensors, *, n_samples, measure, cutoff, sigma, rtol, seed, preconditioner) -> dict:
-    measure = Measure(measure)
+    # checked before a run log is made for a run that cannot start
+    n_samples = checks.check_positive("n_samples", n_samples, integer=True)
+    cutoff = checks.check_positive("cutoff", cutoff)
+    rtol, seed = checks.check_rtol(rtol), checks.check_seed(seed)
+    try:
+        measure = Measure(measure)
+    except ValueError:
+        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
+    sigma = checks.as_number(sigma)
     dim, sha, squares = _center_stats(tensors)
     if measure is Measure.UNIFORM:
         sigma = math.nan
@@ -504,7 +659,7 @@ def _proposal_identity(est: VolumeEstimator) -> Any:
 
 def _estimator_job(est: VolumeEstimator) -> _Job:
     cfg = est.config
-    params = list(est.model.parameters())  # the centre, in parameters_to_vector order
+    params = [p for _, p in est.selected_parameters()]  # the centre, in vector order
     settings = _settings(
         params,
         n_samples=cfg.n_samples,
@@ -537,8 +692,7 @@ def _function_job(arguments: Mapping[str, Any]) -> _Job:
     unknown = sorted(set(arguments) - set(params) | ({"callback", "resume_from"} & set(arguments)))
     if unknown:
         raise TypeError(f"estimate() has no argument(s) {unknown} to pass through")
-    if not isinstance(center, torch.Tensor):
-        raise TypeError(f"center must be a 1-D torch.Tensor of parameters, got {type(center)}")
+    center = _check_center(center)  # before it is hashed
     full = {name: arguments.get(name, params[name].default) for name in params}
     settings = _settings(
         [center],
@@ -659,10 +813,12 @@ _FREE_CONFIG = frozenset(
     {"n_samples", "progress", "data_batch_size", "cache_mode", "cache_budget_bytes"}
     | {"model_batch_size", "low_memory", "model", "tokenizer", "dataset", "inputs"}
     | {"preconditioner", "sigma", "optimizer", "optimizer_state", "fn", "compile"}
+    | {"parameters"}
 )
 """Configuration fields that may change on resume: they do not change any direction's result
 beyond float rounding (the model, data, preconditioner and sigma are compared through the
-settings and the data fingerprint instead of their descriptions)."""
+settings and the data fingerprint instead of their descriptions; the parameter selection
+through the centre's size and hash, so logs written before it was recorded still resume)."""
 
 _FREE_SPEC = frozenset(
     {"n_samples", "device", "quiet", "progress", "output", "resume", "overwrite", "model", "data"}
@@ -752,6 +908,10 @@ def run_to_file(
         ``output`` or its run log exists and neither ``resume`` nor ``overwrite`` is set.
     ResumeError
         The run log was made by a different run (the message names the setting).
+    RunInUseError
+        Another process is running on the same run log (the message names its PID).
+    ResultFileError
+        With ``resume``: the run log is empty or damaged (``overwrite`` starts again).
 
     Examples
     --------
@@ -771,7 +931,13 @@ def run_to_file(
 
     def open_run() -> VolumeResult | None:
         nonlocal run
-        run = _open_run(job, *paths, resume=resume, spec=spec)
+        lock = RunLock.acquire(paths[1])  # held until the result is written
+        try:
+            run = _open_run(job, *paths, resume=resume, spec=spec)
+        except BaseException:
+            lock.release()
+            raise
+        run.lock = lock
         return run.prev
 
     prev = from_rank0(open_run)
@@ -790,26 +956,29 @@ def run_to_file(
             callback(record)
 
     try:
-        result = job.run(on_record, prev)
+        try:
+            result = job.run(on_record, prev)
+        finally:
+            run.writer.close()
+        result.meta.update(
+            {
+                "settings": _jsonable(job.settings),
+                "data": _jsonable(run.data),
+                "config": _jsonable(job.config),
+                "spec": _jsonable(spec),
+                "environment": run.environment,
+                "created": run.created,
+                "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "timings": {
+                    **_timings(run.seconds, run.sessions),
+                    "this_session_seconds": time.perf_counter() - started,
+                },
+                "run_log": os.fspath(run.log_path),
+            }
+        )
+        result.save(run.output)
     finally:
-        run.writer.close()
-    result.meta.update(
-        {
-            "settings": _jsonable(job.settings),
-            "data": _jsonable(run.data),
-            "config": _jsonable(job.config),
-            "spec": _jsonable(spec),
-            "environment": run.environment,
-            "created": run.created,
-            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "timings": {
-                **_timings(run.seconds, run.sessions),
-                "this_session_seconds": time.perf_counter() - started,
-            },
-            "run_log": os.fspath(run.log_path),
-        }
-    )
-    result.save(run.output)
+        run.lock.release()
     return result
 
 
@@ -826,6 +995,7 @@ class _OpenRun:
     sessions: int
     created: str
     environment: dict
+    lock: RunLock | None = None
 
 
 def _check_output(output, *, resume: bool, overwrite: bool) -> tuple[Path, Path]:
