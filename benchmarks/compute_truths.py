@@ -199,7 +199,11 @@ def network_truth(
     sampling_evals = seg.evals
 
     # the grid check: redo surviving draws with a 4x finer grid
-    sub = torch.cat(survivors)[:check] if survivors else torch.empty(0, center.numel())
+    sub = (
+        torch.cat(survivors)[:check]
+        if survivors
+        else torch.empty(0, center.numel(), dtype=torch.float64)
+    )
     coarse_m = segment_max(seg, sub, cap=cap * 1.5, grid=grid, coarse=coarse, steps=steps)[0]
     fine_m = segment_max(seg, sub, cap=cap * 1.5, grid=4 * grid, coarse=coarse, steps=steps)[0]
     flips = {repr(float(e)): int(((coarse_m <= e) != (fine_m <= e)).sum()) for e in cutoffs}
