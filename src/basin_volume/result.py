@@ -620,10 +620,20 @@ class VolumeResult:
                 except ResultFileError as err:
                     raise ResultFileError(f"field {name!r}: {err}") from None
             kwargs["method"] = data.get("method", "is")  # files before SMC existed: "is"
+            if kwargs["method"] not in ("is", "smc"):
+                raise ResultFileError(
+                    f"field 'method' must be 'is' or 'smc', got {kwargs['method']!r}"
+                )
             replicas = data.get("replicas", [])
-            if not isinstance(replicas, list):
-                raise ResultFileError("field 'replicas' must be a list")
-            kwargs["replicas"] = tuple(float(_decode(v)) for v in replicas)
+            if not isinstance(replicas, list) or (kwargs["method"] == "smc") != bool(replicas):
+                raise ResultFileError(
+                    "field 'replicas' must be a list of numbers, non-empty exactly when "
+                    "method is 'smc'"
+                )
+            try:
+                kwargs["replicas"] = tuple(float(_decode(v)) for v in replicas)
+            except ResultFileError as err:
+                raise ResultFileError(f"field 'replicas': {err}") from None
         except KeyError as err:
             raise ResultFileError(f"missing field {err.args[0]!r}") from None
         lengths = {name: len(kwargs[name]) for name in (*_TENSOR_FIELDS, "status")}
