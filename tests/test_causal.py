@@ -344,7 +344,8 @@ def test_fisher_preconditioner_in_the_config_and_in_low_memory_mode(model, token
     ref = 1.0 / (fn.fisher_diagonal(n_samples=1, seed=0).sqrt() + eps)
     torch.testing.assert_close(dense_est.preconditioner, ref, rtol=0, atol=0)
     assert set(dense.status) == {"converged"}
-    torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-7, atol=1e-3)
+    # float32 chunk rounding in light mode: ~1e-7 relative on log-estimates near 3e5
+    torch.testing.assert_close(light.estimates, dense.estimates, rtol=1e-6, atol=1e-3)
 
 
 def test_objective_rejects_left_padding(model):
