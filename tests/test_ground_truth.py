@@ -498,6 +498,8 @@ def test_digits_problem_matches_classifier_kl_and_cache():
     gen = torch.Generator().manual_seed(0)
     theta = p.center + 0.05 * torch.randn(p.dim, generator=gen, dtype=torch.float64)
     assert float(p.fn(theta)) == pytest.approx(float(ref(theta.float())), rel=1e-4)
+    batched = torch.func.vmap(p.fn)(torch.stack([p.center, theta]))
+    assert float(batched[0]) == 0.0 and float(batched[1]) == pytest.approx(float(p.fn(theta)))
     assert math.isfinite(p.truth) and p.truth_se > 0
 
 
