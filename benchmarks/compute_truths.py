@@ -8,6 +8,11 @@ Writes ``benchmarks/truth_cache.json`` (merging into what is there):
 * ``checks``: independent re-derivations of the other truths (mpmath at 30 digits for the
   Gaussian ellipsoids, grid doubling and brute-force Monte Carlo for the product blocks).
 
+Run: ``python benchmarks/compute_truths.py [--only mlp52|digits|checks] [--seed S]``. On the
+shared 2-core machine (one torch thread): mlp52 about 3 minutes (200,000 draws, 1.7 million
+evaluations), digits about 5 minutes (20,000 draws, 200,000 evaluations; plus 4 s training),
+checks about 2.5 minutes (mostly mpmath at D = 1000).
+
 Direct sampling with a segment check
 ------------------------------------
 Draw θ ~ N(0, σ² I) (σ = RMS of θ0) and let M(θ) = max_{t∈[0,1]} δ(θ0 + t(θ − θ0)). θ lies

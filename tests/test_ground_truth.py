@@ -183,6 +183,46 @@ def test_gchisq_float64_matches_mpmath_inversion():
     assert got == pytest.approx(ref, rel=1e-11)
 
 
+def test_quadratic_gaussian_pipeline_matches_noncentral_chi_square():
+    """The mapping problem -> (lam, nc, c) with a rotation, isotropic h: at D = 200 the
+    probability is a noncentral chi-square CDF deep in its tail."""
+    rng = np.random.default_rng(8)
+    dim, h, sigma, eps = 200, 3.0, 0.7, 0.05
+    center = rng.normal(size=dim)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    got = P.quadratic_gaussian_logprob(np.full(dim, h), center, sigma, eps, q)
+    ref = P.ncx2_logcdf_mpmath(dim, float(center @ center) / sigma**2, 2 * eps / (h * sigma**2))
+    assert ref < -100
+    assert got == pytest.approx(ref, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ellipsoid-gaussian-d200",
+        "ellipsoid-gaussian-d200-sigma0.1",
+        "ellipsoid-rotated-singular-gaussian-d200",
+        "ellipsoid-rotated-uniform-d200",
+        "ellipsoid-uniform-d1000",
+    ],
+)
+def test_quadratic_truth_from_the_fn_hessian(name):
+    """Rebuild each quadratic problem's truth from its fn alone: the Hessian by autograd
+    (exact for a quadratic), its eigenvalues and eigenvectors, then the same formulas."""
+    p = P.get(name)
+    assert float(torch.func.grad(p.fn)(p.center).abs().max()) < 1e-12  # minimum at theta0
+    hess = torch.func.hessian(p.fn)(p.center)
+    h, vecs = torch.linalg.eigh(hess)
+    h = h.clamp(min=0).numpy()
+    if p.measure == "uniform":
+        assert P.log_ellipsoid_volume(h, p.cutoff) == pytest.approx(p.truth, rel=1e-10)
+    else:
+        h[h < 1e-12 * h.max()] = 0.0
+        shifted = (vecs.T @ p.center).numpy()
+        got = P.gchisq_logcdf(h * p.sigma**2, (shifted / p.sigma) ** 2, 2 * p.cutoff)
+        assert got == pytest.approx(p.truth, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "dim,seed,kwargs",
     [
@@ -458,6 +498,8 @@ def test_digits_problem_matches_classifier_kl_and_cache():
     gen = torch.Generator().manual_seed(0)
     theta = p.center + 0.05 * torch.randn(p.dim, generator=gen, dtype=torch.float64)
     assert float(p.fn(theta)) == pytest.approx(float(ref(theta.float())), rel=1e-4)
+    batched = torch.func.vmap(p.fn)(torch.stack([p.center, theta]))
+    assert float(batched[0]) == 0.0 and float(batched[1]) == pytest.approx(float(p.fn(theta)))
     assert math.isfinite(p.truth) and p.truth_se > 0
 
 
