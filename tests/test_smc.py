@@ -176,5 +176,7 @@ def test_method_errors_name_the_field():
         bv.estimate(lambda th: th.sum(), c, method="mcmc", progress=False)
     with pytest.raises(ValueError, match="resume_from or callback"):
         bv.estimate(lambda th: th.sum(), c, method="smc", callback=print, progress=False)
+    with pytest.raises(ValueError, match="rtol"):
+        bv.estimate(lambda th: th.sum(), c, method="smc", rtol=2.0, progress=False)
     with pytest.raises(ValueError, match="budget"):
         bv.estimate(lambda th: th.sum(), c, method="smc", budget=0, progress=False)

@@ -102,36 +102,59 @@ def _default_max_radius(measure: Measure, norm_c: float, sigma: float, dim: int)
     return 1e6 * max(norm_c, 1.0)
 
 
-def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
-                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
-    from .smc_estimate import estimate_smc
+def _checked_settings(*, measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius,
+                      dim: int, norm_c: float) -> tuple:
+    """The settings every method shares, validated, with sigma and max_radius resolved.
 
+    Returns ``(measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius)``.
+    """
     try:
         measure = Measure(measure)
     except ValueError:
         raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
-    for name, value in (("n_samples", n_samples), ("replicas", replicas),
-                        ("n_moves", n_moves), ("max_evals", max_evals)):
-        _check_positive(name, value, integer=True)
-    _check_positive("cutoff", cutoff)
-    _check_positive("rtol", rtol)
-    if budget is not None:
-        _check_positive("budget", budget, integer=True)
-    if n_samples < 16:
-        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {n_samples}")
-    dim = center.numel()
-    norm_c = float(torch.linalg.vector_norm(center.double()))
+    n_samples = _check_positive("n_samples", n_samples, integer=True)
+    cutoff = _check_positive("cutoff", cutoff)
+    rtol = checks.check_rtol(rtol)
+    max_evals = _check_positive("max_evals", max_evals, integer=True)
+    seed = _check_seed(seed)
     sigma = _resolve_sigma(sigma, norm_c, dim, measure)
     if max_radius is None:
         max_radius = _default_max_radius(measure, norm_c, sigma, dim)
+    max_radius = _check_positive("max_radius", max_radius)
+    return measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius
+
+
+def first_guess(measure: Measure, sigma: float, dim: int, norm_c: float) -> float:
+    """First radius tried before any direction has measured one: 1% of the prior's scale."""
+    scale = sigma * math.sqrt(dim) if measure is Measure.GAUSSIAN else None
+    return 1e-2 * (scale or max(norm_c, 1.0))
+
+
+def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
+                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
+    from .smc_estimate import estimate_smc
+
+    replicas = _check_positive("replicas", replicas, integer=True)
+    n_moves = _check_positive("n_moves", n_moves, integer=True)
+    if budget is not None:
+        budget = _check_positive("budget", budget, integer=True)
+    rays = DenseRays(fn, center, seed=seed, preconditioner=None, batch_fn=batch_fn)
+    measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius = _checked_settings(
+        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
+        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
+    )
+    if n_samples < 16:
+        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {n_samples}")
     if model_batch_size > 1 and batch_fn is None:
-        batch_fn = _vmapped_or_none(fn, center)
+        rays.batch_fn = _vmapped_or_none(fn, center)
     result = estimate_smc(
-        fn, center, n_particles=n_samples, replicas=replicas, n_moves=n_moves, cutoff=cutoff,
+        rays, n_particles=n_samples, replicas=replicas, n_moves=n_moves, cutoff=cutoff,
         sigma=sigma, measure=measure.value, preconditioner=pre, rtol=rtol, seed=seed,
         progress=progress, max_evals=max_evals, max_radius=max_radius, budget=budget,
-        batch_fn=batch_fn, model_batch_size=model_batch_size,
+        batch_size=model_batch_size,
+        first_guess=first_guess(measure, sigma, rays.dim, rays.center_norm),
         meta={
+            "center_sha256": rays.center_sha256(),
             "device": str(center.device),
             "dtype": str(center.dtype).removeprefix("torch."),
             "preconditioner": None if pre is None else type(pre).__name__,
@@ -412,21 +435,12 @@ def run_rays(
     :func:`estimate` documents the arguments. The evaluator is restored to the centre after
     every group of directions and on any exception.
     """
-    try:
-        measure = Measure(measure)
-    except ValueError:
-        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
-    n_samples = _check_positive("n_samples", n_samples, integer=True)
-    cutoff = _check_positive("cutoff", cutoff)
-    rtol = checks.check_rtol(rtol)
-    max_evals = _check_positive("max_evals", max_evals, integer=True)
-    batch_size = _check_positive("batch_size", batch_size, integer=True)
-    seed = _check_seed(seed)
     dim, norm_c = rays.dim, rays.center_norm
-    sigma = _resolve_sigma(sigma, norm_c, dim, measure)
-    if max_radius is None:
-        max_radius = _default_max_radius(measure, norm_c, sigma, dim)
-    max_radius = _check_positive("max_radius", max_radius)
+    measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius = _checked_settings(
+        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
+        seed=seed, sigma=sigma, max_radius=max_radius, dim=dim, norm_c=norm_c,
+    )
+    batch_size = _check_positive("batch_size", batch_size, integer=True)
     center_sha256 = rays.center_sha256()
     if resume_from is not None:
         _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)
@@ -576,8 +590,7 @@ class _Problem:
 
     @property
     def first_guess(self) -> float:
-        scale = self.sigma * math.sqrt(self.dim) if self.measure is Measure.GAUSSIAN else None
-        return 1e-2 * (scale or max(self.norm_c, 1.0))
+        return first_guess(self.measure, self.sigma, self.dim, self.norm_c)
 
     def log_integral(self, radius: float, dot: float) -> float:
         """log I(omega) for a ray of length ``radius`` with omega . theta0 = ``dot``."""

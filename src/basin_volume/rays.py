@@ -111,6 +111,13 @@ class DenseRays:
                 return math.nan
             return scalar(self.fn(theta), f"fn at direction {self.index}")
 
+    def aim(self, omegas: torch.Tensor) -> None:
+        """Take the rows of ``omegas`` (unit directions, any provenance) as the slots of
+        :meth:`values_at_many`, as :meth:`start_many` does for seeded directions."""
+        wide = wide_dtype(self.center.device)
+        self.omegas = list(omegas.to(self.center.device, wide).unbind(0))
+        self.indices = list(range(len(self.omegas)))
+
     def start_many(self, indices: Sequence[int]) -> list[RayStart]:
         starts = []
         self.omegas, self.indices = [], list(indices)

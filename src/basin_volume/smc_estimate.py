@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from .integrals import log_sphere_area
 from .preconditioners import DiagonalPreconditioner, as_preconditioner
 from .projected_normal import ProjectedNormal
 from .radius import RayStatus, radius_search
+from .rays import DenseRays
 from .result import VolumeResult
 from .smc import Radii, smc_sampler
 
@@ -54,8 +54,7 @@ def _cutoff_radius(history: list[tuple[float, float]], cutoff: float, t: float, 
 
 
 def search_radii(
-    values_at: Callable[[torch.Tensor], torch.Tensor],
-    center: torch.Tensor,
+    rays: DenseRays,
     omegas: torch.Tensor,
     guesses: torch.Tensor,
     slopes: torch.Tensor,
@@ -65,19 +64,18 @@ def search_radii(
     rtol: float,
     max_radius: float,
     max_evals: int,
+    batch_size: int,
 ) -> dict:
     """Radius searches for every row of ``omegas`` in lockstep.
 
-    ``values_at(thetas [B, D]) -> [B]`` evaluates the objective. Returns a dict of
-    per-direction tensors: ``radius`` (exact cutoff, ``inf`` if unbounded), ``evaluated``
-    (the radius returned by the search), ``delta`` (there), ``slope``, ``n_evals`` and the
-    list ``status``.
+    The pending radii are evaluated through ``rays`` (:meth:`DenseRays.values_at_many`),
+    ``batch_size`` points per call. Returns a dict of per-direction tensors: ``radius`` (where
+    delta equals the cutoff; ``inf`` if unbounded), ``slope``, ``n_evals`` and the list
+    ``status``.
     """
-    b = omegas.shape[0]
-    searches, pending, results = [], {}, [None] * b
-    history: list[list[tuple[float, float]]] = [[] for _ in range(b)]
-    for k in range(b):
-        s = radius_search(
+    rays.aim(omegas)
+    searches = [
+        radius_search(
             cutoff,
             guess=float(guesses[k]),
             rtol=rtol,
@@ -85,57 +83,49 @@ def search_radii(
             max_radius=max_radius,
             max_evals=max_evals,
         )
-        searches.append(s)
-        pending[k] = next(s)
-    omegas_dev = omegas.to(center.device, center.dtype)
+        for k in range(omegas.shape[0])
+    ]
+    pending = {k: next(s) for k, s in enumerate(searches)}
+    results: list = [None] * len(searches)
+    history: list[list[tuple[float, float]]] = [[] for _ in searches]
     while pending:
-        keys = list(pending)
-        ts = torch.tensor([pending[k] for k in keys], dtype=center.dtype, device=center.device)
-        thetas = center + ts[:, None] * omegas_dev[keys]
-        values = values_at(thetas).detach().to("cpu", torch.float64).tolist()
-        for k, v in zip(keys, values, strict=True):
+        pairs = list(pending.items())
+        values = [
+            v
+            for i in range(0, len(pairs), batch_size)
+            for v in rays.values_at_many(pairs[i : i + batch_size])
+        ]
+        for (k, t), v in zip(pairs, values, strict=True):
             d = v - f0
-            history[k].append((pending[k], d))
+            history[k].append((t, d))
             try:
                 pending[k] = searches[k].send(d)
             except StopIteration as stop:
                 results[k] = stop.value
                 del pending[k]
-    radius = []
-    for k, res in enumerate(results):
-        if res.status == RayStatus.CONVERGED:
-            radius.append(_cutoff_radius(history[k], cutoff, res.radius, res.delta, res.slope))
-        else:
-            radius.append(res.radius)
+    rays.restore()
+    radius = [
+        _cutoff_radius(history[k], cutoff, res.radius, res.delta, res.slope)
+        if res.status == RayStatus.CONVERGED
+        else res.radius
+        for k, res in enumerate(results)
+    ]
     return {
         "radius": torch.tensor(radius, dtype=torch.float64),
-        "evaluated": torch.tensor([r.radius for r in results], dtype=torch.float64),
-        "delta": torch.tensor([r.delta for r in results], dtype=torch.float64),
         "slope": torch.tensor([r.slope for r in results], dtype=torch.float64),
         "n_evals": torch.tensor([r.n_evals for r in results], dtype=torch.int64),
         "status": [str(r.status) for r in results],
     }
 
 
-def _values_function(fn, batch_fn, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def values_at(thetas: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if batch_fn is None or batch_size <= 1:
-                return torch.stack([torch.as_tensor(fn(th)).reshape(()) for th in thetas])
-            return torch.cat([batch_fn(chunk) for chunk in thetas.split(batch_size)])
-
-    return values_at
-
-
 def estimate_smc(
-    fn: Callable,
-    center: torch.Tensor,
+    rays: DenseRays,
     *,
     n_particles: int,
     replicas: int,
     n_moves: int,
     cutoff: float,
-    sigma: float | None,
+    sigma: float,
     measure: str,
     preconditioner,
     rtol: float,
@@ -144,30 +134,25 @@ def estimate_smc(
     max_evals: int,
     max_radius: float,
     budget: int | None,
-    batch_fn: Callable | None,
-    model_batch_size: int,
+    batch_size: int,
+    first_guess: float,
     meta: dict,
 ) -> VolumeResult:
     """:func:`basin_volume.estimate` with ``method="smc"``; the arguments are documented there.
 
-    ``sigma`` is the resolved prior scale (``nan`` for the uniform measure).
+    ``rays`` evaluates the objective around the centre; the settings are already validated
+    and resolved (``sigma`` is ``nan`` for the uniform measure).
     """
-    dim = center.numel()
-    pre = as_preconditioner(preconditioner, dim)
+    pre = as_preconditioner(preconditioner, rays.dim)
     if pre is not None and not isinstance(pre, DiagonalPreconditioner):
         raise ValueError(
             "method='smc' takes a preconditioner of per-parameter scales (a 1-D tensor); "
             f"got {type(pre).__name__}; use method='is' for dense or stretched proposals"
         )
-    gaussian = measure == "gaussian"
-    start = None
-    if pre is not None:
-        start = ProjectedNormal(pre.scales.square())
-    with torch.no_grad():
-        f0 = float(fn(center))
+    start = None if pre is None else ProjectedNormal(pre.scales.square())
+    f0 = rays.value_at_center()
     if not math.isfinite(f0):
         raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
-    values_at = _values_function(fn, batch_fn, model_batch_size)
     started = time.perf_counter()
     spent = 0
     runs, failures = [], {}
@@ -175,8 +160,8 @@ def estimate_smc(
     try:
         for rep in range(replicas):
             sampler = smc_sampler(
-                center,
-                sigma=sigma if gaussian else None,
+                rays.center,
+                sigma=sigma if measure == "gaussian" else None,
                 n_particles=n_particles,
                 n_moves=n_moves,
                 seed=direction_seed(seed, rep),
@@ -184,14 +169,12 @@ def estimate_smc(
             )
             request = next(sampler)
             while True:
-                guesses = torch.where(
-                    torch.isfinite(request.guesses) & (request.guesses > 0),
-                    request.guesses,
-                    torch.full_like(request.guesses, _first_guess(center, sigma, gaussian)),
-                )
+                known = torch.isfinite(request.guesses) & (request.guesses > 0)
+                guesses = torch.where(known, request.guesses, first_guess)
                 found = search_radii(
-                    values_at, center, request.omegas, guesses, request.slopes,
-                    f0=f0, cutoff=cutoff, rtol=rtol, max_radius=max_radius, max_evals=max_evals,
+                    rays, request.omegas, guesses, request.slopes, f0=f0, cutoff=cutoff,
+                    rtol=rtol, max_radius=max_radius, max_evals=max_evals,
+                    batch_size=batch_size,
                 )
                 spent += int(found["n_evals"].sum())
                 for st in found["status"]:
@@ -211,13 +194,9 @@ def estimate_smc(
             bar.update(1)
     finally:
         bar.close()
-    return _assemble(runs, failures, spent, dim=dim, measure=measure, cutoff=cutoff,
+        rays.restore()
+    return _assemble(runs, failures, spent, dim=rays.dim, measure=measure, cutoff=cutoff,
                      sigma=sigma, rtol=rtol, seed=seed, f0=f0, started=started, meta=meta)
-
-
-def _first_guess(center: torch.Tensor, sigma: float, gaussian: bool) -> float:
-    scale = sigma * math.sqrt(center.numel()) if gaussian else None
-    return 1e-2 * (scale or max(float(torch.linalg.vector_norm(center.double())), 1.0))
 
 
 def _assemble(runs, failures, spent, *, dim, measure, cutoff, sigma, rtol, seed, f0, started,
