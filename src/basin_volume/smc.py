@@ -48,8 +48,12 @@ acceptance rate near 30%.
 **A shortcut.** Before any of this, :math:`N` directions from a *start proposal*
 (the user's preconditioner, else the prior-ray law for the Gaussian measure, else uniform)
 are importance-weighted to the target; if their ESS is at least half of :math:`N` the plain
-importance-sampling estimate is returned (a one-level SMC). This is exact for a basin that is
-the whole space (every prior-ray weight is 1) and for a proposal matched to the basin.
+importance-sampling estimate is returned (a one-level SMC). Prior-ray weights are the prior
+mass of each ray inside the basin, bounded by 1, so their sample variance can be trusted:
+up to eight batches of them are drawn, and the estimate is kept once its relative standard
+error is at most 10%. This is exact for a basin that is the whole space (every prior-ray
+weight is 1), quick for basins that hold a sizeable part of the prior, and exact for a
+proposal matched to the basin.
 
 The sampler is a generator, like :func:`basin_volume.radius.radius_search`: it yields batches
 of directions whose radii it needs and is sent back their :class:`Radii`; evaluating the
@@ -73,6 +77,8 @@ __all__ = ["Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 _START_ESS = 0.9  # ESS fraction required of the cooling path's first weighting
 _BISECTIONS = 50
 _ACCEPT_TARGET = 0.3
+_MAX_RAY_BATCHES = 8  # batches of prior rays drawn at most before the cooling path
+_BOUNDED_RSE = 0.1  # relative standard error of bounded weights' mean that settles a run
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,14 @@ def _ess(log_w: torch.Tensor) -> float:
         return 0.0
     w = torch.exp(log_w - log_w.max())
     return float(w.sum() ** 2 / (w * w).sum())
+
+
+def _relative_error(log_w: torch.Tensor) -> float:
+    """Standard error of the mean of :math:`e^{\\ell}` relative to the mean."""
+    if not bool(torch.isfinite(log_w).any()):
+        return math.inf
+    w = torch.exp(log_w - log_w.max())
+    return float(w.std() / (w.mean() * math.sqrt(w.numel())))
 
 
 def _log_mean_exp(x: torch.Tensor) -> float:
@@ -248,6 +262,7 @@ def smc_sampler(
     n = n_particles
     gen = torch.Generator().manual_seed(seed)
     path = _Path(d, 0.0 if sigma is None else 1.0 / sigma**2, float(theta0 @ theta0))
+    bounded = start is None and sigma is not None
     if start is None:
         start = (
             ProjectedNormal(torch.ones(d, dtype=torch.float64))
@@ -261,15 +276,26 @@ def smc_sampler(
     def unit(x: torch.Tensor) -> torch.Tensor:
         return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
-    # The shortcut: importance sampling from the start proposal.
-    omega = unit(start.sample(normals(n)))
-    radii = yield RadiusRequest(omega, torch.full((n,), math.nan), torch.full((n,), math.nan))
-    r, slope = radii.radius, radii.slope
-    c = omega @ theta0
-    log_w = log_sphere_area(d) + path.log_mass(path.end, r, c) - start.log_density(omega)
+    # The shortcut: importance sampling from the start proposal. Prior-ray weights are
+    # bounded by 1, so their sample variance is trustworthy: draw more of them (up to
+    # _MAX_RAY_BATCHES batches) while that settles the estimate.
+    batches = _MAX_RAY_BATCHES if bounded else 1
+    log_w, r = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    for _ in range(batches):
+        omega = unit(start.sample(normals(n)))
+        radii = yield RadiusRequest(omega, torch.full((n,), math.nan), torch.full((n,), math.nan))
+        c = omega @ theta0
+        new = log_sphere_area(d) + path.log_mass(path.end, radii.radius, c)
+        log_w = torch.cat([log_w, new - start.log_density(omega)])
+        r = torch.cat([r, radii.radius])
+        if bounded and _relative_error(log_w) <= _BOUNDED_RSE:
+            break
+    slope = radii.slope
     ess_start = _ess(log_w)
-    if ess_start >= ess_target * n:
+    settled = _relative_error(log_w) <= _BOUNDED_RSE if bounded else ess_start >= ess_target * n
+    if settled:
         return SMCRun(_log_mean_exp(log_w), "is", 0, ess_start, (), (), r, log_w)
+    r = radii.radius
 
     # The cooling path's start: uniform directions, weighted to pi_{a0}.
     if not (sigma is None and start.mean is None and bool((start.cov == 1).all())):
