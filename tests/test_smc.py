@@ -180,3 +180,18 @@ def test_method_errors_name_the_field():
         bv.estimate(lambda th: th.sum(), c, method="smc", rtol=2.0, progress=False)
     with pytest.raises(ValueError, match="budget"):
         bv.estimate(lambda th: th.sum(), c, method="smc", budget=0, progress=False)
+
+
+def test_budget_caps_the_evaluations():
+    """A budget far below what the basin needs stops the run with BudgetExhausted."""
+    h, c, _ = _ellipsoid(50, 3)
+    calls = []
+
+    def fn(th):
+        calls.append(1)
+        return 0.5 * (h * (th - c) ** 2).sum()
+
+    with pytest.raises(bv.BudgetExhausted, match="budget=500"):
+        bv.estimate(fn, c, n_samples=32, measure="uniform", progress=False, method="smc",
+                    budget=500)
+    assert len(calls) <= 500 + 32 * 40 + 1  # at most one batch of searches past the cap

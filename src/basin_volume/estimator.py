@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
-from .preconditioners import Preconditioner, as_preconditioner
+from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
 from .radius import RayResult, RayStatus, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
@@ -90,7 +90,7 @@ def _resolve_method(method, pre, *, resume_from, callback) -> Method:
                 "sequence of independent directions); use method='is' for those"
             )
         return method
-    simple = pre is None or type(pre).__name__ == "DiagonalPreconditioner"
+    simple = pre is None or isinstance(pre, DiagonalPreconditioner)
     if resume_from is not None or callback is not None or not simple:
         return Method.IS
     return Method.SMC

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from scipy.stats import t as student_t
 
 from .checks import MAX_RTOL, MAX_SEED, as_number
 from .radius import RayStatus
@@ -419,8 +420,6 @@ class VolumeResult:
         logs = torch.tensor(self.replicas, dtype=torch.float64)
         if logs.numel() < 2 or not bool(torch.isfinite(logs).all()):
             return (-math.inf, math.inf) if logs.numel() < 2 else (self.log_volume,) * 2
-        from scipy.stats import t as student_t
-
         half = float(student_t.ppf((1 + level) / 2, logs.numel() - 1)) * float(
             logs.std() / math.sqrt(logs.numel())
         )
