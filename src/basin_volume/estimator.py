@@ -314,7 +314,8 @@ def estimate(
         resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
         ``resume_from`` or ``callback`` or a non-diagonal preconditioner, where it is ``"is"``.
     budget : int, optional
-        Cap on the total number of evaluations of ``fn`` (``method="smc"``);
+        Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
+        each batch of radius searches (so a run may pass it by one batch);
         :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when it runs out.
     replicas : int
         Independent SMC runs pooled into the estimate; their spread gives the interval.
