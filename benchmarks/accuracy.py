@@ -54,7 +54,7 @@ def run(problem, method: str, seed: int, args) -> dict:
     evals = res.meta.get("total_evals", int(res.n_evals.sum()))
     err = res.log_volume - problem.truth
     # the truth's own uncertainty, and float rounding for intervals of zero width
-    slack = 2 * problem.truth_se + 1e-9 * max(1.0, abs(problem.truth))
+    slack = 2 * problem.truth_se + 1e-6 + 1e-12 * abs(problem.truth)
     covered = lo - slack <= problem.truth <= hi + slack if math.isfinite(problem.truth) else None
     return dict(
         estimate=res.log_volume, lo=lo, hi=hi, covered=covered, error=err, evals=evals,
