@@ -243,8 +243,8 @@ def smc_sampler(
         for the Gaussian measure, uniform directions for the uniform one.
     dense : bool
         Fit dense (``True``) or diagonal (default) reference laws for the moves. Dense
-        references are experimental: on anisotropic ellipsoids at D = 100 they came out
-        15-40 nats high, a bias not yet understood (see docs/accuracy.md).
+        references are experimental: fitted from a few hundred particles they overfit them
+        and biased the estimate in tests (docs/accuracy.md).
     ess_target : float
         Fraction of :math:`N` the ESS of each level's incremental weights is held to.
 
