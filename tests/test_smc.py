@@ -195,3 +195,37 @@ def test_budget_caps_the_evaluations():
         bv.estimate(fn, c, n_samples=32, measure="uniform", progress=False, method="smc",
                     budget=500)
     assert len(calls) <= 500 + 32 * 40 + 1  # at most one batch of searches past the cap
+
+
+@pytest.mark.parametrize("measure", ["uniform", "gaussian"])
+def test_nan_everywhere_but_the_centre_is_minus_inf_with_a_warning(measure):
+    """As for importance sampling: no ray is known to hold mass, so log P = -inf."""
+    c = torch.ones(10, dtype=torch.float64)
+
+    def fn(th):
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        return torch.where((th == c).all(), th.sum() * 0, nan)
+
+    with pytest.warns(bv.RadiusSearchWarning, match="nonfinite"):
+        res = bv.estimate(fn, c, method="smc", n_samples=32, progress=False, measure=measure)
+    assert res.log_volume == -math.inf
+
+
+def test_warnings_from_code_run_by_python_c():
+    """A warning issued for a result made by `python -c` code must not crash."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, basin_volume as bv\n"
+        "c = torch.ones(10, dtype=torch.float64)\n"
+        "nan = torch.tensor(float('nan'), dtype=torch.float64)\n"
+        "fn = lambda th: torch.where((th == c).all(), th.sum() * 0, nan)\n"
+        "r = bv.estimate(fn, c, method='smc', n_samples=32, progress=False)\n"
+        "print(r.log_volume)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "-inf"
+    assert "RadiusSearchWarning" in out.stderr

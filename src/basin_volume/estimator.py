@@ -165,6 +165,14 @@ def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, s
         },
     )
     result.warn_if_unreliable(stacklevel=4)
+    failed = result.meta["failed_searches"]
+    if failed:
+        warn_every_time(
+            f"{sum(failed.values())} radius searches did not converge ({failed}); rays with "
+            "status nonfinite count as radius 0 (no mass), others at their best bracket end",
+            RadiusSearchWarning,
+            stacklevel=3,
+        )
     return result
 
 

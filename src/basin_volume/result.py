@@ -71,15 +71,18 @@ def warn_every_time(message: str, category: type[Warning], *, stacklevel: int = 
             break
         frame = frame.f_back
     module_globals = frame.f_globals
-    warnings.warn_explicit(
-        message,
-        category,
-        frame.f_code.co_filename,
-        frame.f_lineno,
+    where = dict(
+        message=message,
+        category=category,
+        filename=frame.f_code.co_filename,
+        lineno=frame.f_lineno,
         module=module_globals.get("__name__", "<unknown>"),
         registry=None,  # no "already shown here" record: each result is flagged
-        module_globals=module_globals,
     )
+    try:
+        warnings.warn_explicit(**where, module_globals=module_globals)
+    except ImportError:  # code run by `python -c`: its __main__ has no source to show
+        warnings.warn_explicit(**where)
 
 
 def recorded_center(result: VolumeResult) -> str | None:
@@ -433,8 +436,9 @@ class VolumeResult:
         ``log_volume``, so in a loop over checkpoints each untrustworthy one is flagged.
         """
         if self.method == "smc":
-            spread = torch.tensor(self.replicas, dtype=torch.float64).std()
-            if len(self.replicas) >= 2 and not float(spread) <= SMC_SPREAD:
+            logs = torch.tensor(self.replicas, dtype=torch.float64)
+            spread = logs.std()
+            if bool(torch.isfinite(logs).any()) and len(logs) >= 2 and not spread <= SMC_SPREAD:
                 warn_every_time(
                     f"log_volume {self.log_volume:.6g}: the {len(self.replicas)} SMC replicas "
                     f"disagree (standard deviation {float(spread):.3g} nats), so the estimate "

@@ -308,8 +308,11 @@ def smc_sampler(
         return path.log_density(a, c) + path.log_mass(a, r, c) - whole_ray
 
     finite = r[torch.isfinite(r) & (r > 0)]
-    log_a = math.log(d) - 2 * math.log(float(finite.median()) if finite.numel() else 1.0)
-    while _ess(start_weights(math.exp(log_a))) < _START_ESS * n:
+    if finite.numel() == 0:  # no ray holds any mass: the basin is empty as far as seen
+        return SMCRun(-math.inf, "is", 0, ess_start, (), (), r, torch.full_like(r, -math.inf))
+    # Rays of radius 0 weigh nothing at any a; the ESS asked of the start counts the others.
+    log_a = math.log(d) - 2 * math.log(float(finite.median()))
+    while _ess(start_weights(math.exp(log_a))) < _START_ESS * int((r > 0).sum()):
         log_a += 1.0
     a = math.exp(log_a)
     log_w = start_weights(a)

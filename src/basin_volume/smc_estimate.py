@@ -107,6 +107,8 @@ def search_radii(
     radius = [
         _cutoff_radius(history[k], cutoff, res.radius, res.delta, res.slope)
         if res.status == RayStatus.CONVERGED
+        else 0.0  # no point of the ray is known to be inside: no mass, as in estimate()
+        if res.status == RayStatus.NONFINITE
         else res.radius
         for k, res in enumerate(results)
     ]
