@@ -64,12 +64,14 @@ class ProjectedNormal:
 
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         """Points :math:`x = m + C^{1/2} z` for standard normal rows ``z`` ``[N, D]``."""
-        x = z * self.cov.sqrt() if self._chol is None else z @ self._chol.T
-        return x if self.mean is None else x + self.mean
+        return self.crank_nicolson(torch.zeros_like(z), 1.0, z)
 
-    def centred_step(self, z: torch.Tensor) -> torch.Tensor:
-        """:math:`C^{1/2} z`, a draw of :math:`x - m`."""
-        return z * self.cov.sqrt() if self._chol is None else z @ self._chol.T
+    def crank_nicolson(self, x: torch.Tensor, rho: float, z: torch.Tensor) -> torch.Tensor:
+        """:math:`m + \\sqrt{1-\\rho^2}\\,(x - m) + \\rho\\, C^{1/2} z`: a move of rows ``x``
+        that leaves :math:`N(m, C)` invariant (reversible), for standard normal rows ``z``."""
+        step = z * self.cov.sqrt() if self._chol is None else z @ self._chol.T
+        mean = 0.0 if self.mean is None else self.mean
+        return mean + math.sqrt(1.0 - rho * rho) * (x - mean) + rho * step
 
     def quadratic(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, b)``: :math:`a = \\omega^\\top C^{-1}\\omega`, :math:`b = \\omega^\\top C^{-1} m`.

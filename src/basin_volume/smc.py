@@ -339,10 +339,7 @@ def smc_sampler(
         phi = log_i - ref.log_density(omega)
         accepted = []
         for _ in range(n_moves):
-            centred = x if ref.mean is None else x - ref.mean
-            x_new = math.sqrt(1 - rho * rho) * centred + rho * ref.centred_step(normals(n))
-            if ref.mean is not None:
-                x_new = x_new + ref.mean
+            x_new = ref.crank_nicolson(x, rho, normals(n))
             omega_new = unit(x_new)
             radii = yield RadiusRequest(omega_new, r.clone(), slope.clone())
             r_new, c_new = radii.radius, omega_new @ theta0
