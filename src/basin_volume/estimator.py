@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checks
+from .curvature import CurvatureProposal
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
@@ -131,11 +132,14 @@ def first_guess(measure: Measure, sigma: float, dim: int, norm_c: float) -> floa
 
 
 def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
-                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
+                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size,
+                  curvature):
     from .smc_estimate import estimate_smc
 
     replicas = _check_positive("replicas", replicas, integer=True)
     n_moves = _check_positive("n_moves", n_moves, integer=True)
+    if curvature not in ("auto", "hessian", "none"):
+        raise ValueError(f"curvature must be 'auto', 'hessian' or 'none', got {curvature!r}")
     if budget is not None:
         budget = _check_positive("budget", budget, integer=True)
     rays = DenseRays(fn, center, seed=seed, preconditioner=None, batch_fn=batch_fn)
@@ -147,6 +151,10 @@ def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, s
         raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {n_samples}")
     if model_batch_size > 1 and batch_fn is None:
         rays.batch_fn = _vmapped_or_none(fn, center)
+    start = None
+    if pre is None and curvature != "none":
+        start = CurvatureProposal(fn, rays.center, cutoff=cutoff, required=curvature == "hessian",
+                                  sigma=sigma if measure is Measure.GAUSSIAN else None)
     result = estimate_smc(
         rays, n_particles=n_samples, replicas=replicas, n_moves=n_moves, cutoff=cutoff,
         sigma=sigma, measure=measure.value, preconditioner=pre, rtol=rtol, seed=seed,
@@ -162,7 +170,9 @@ def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, s
             "torch_version": torch.__version__,
             "basin_volume_version": _version(),
             "n_moves": n_moves,
+            "curvature": curvature,
         },
+        start=start,
     )
     result.warn_if_unreliable(stacklevel=4)
     failed = result.meta["failed_searches"]
@@ -258,6 +268,7 @@ def estimate(
     budget: int | None = None,
     replicas: int = 4,
     n_moves: int = 3,
+    curvature: str = "auto",
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -329,6 +340,13 @@ def estimate(
         Independent SMC runs pooled into the estimate; their spread gives the interval.
     n_moves : int
         Metropolis-Hastings moves per particle and level (``method="smc"``).
+    curvature : {"auto", "hessian", "none"}
+        ``method="smc"`` without a preconditioner: start from the proposal built from the
+        Hessian of ``fn`` at the centre (:mod:`basin_volume.curvature`) and temper from it to
+        the target. ``"auto"`` does so when ``fn`` has at most
+        :data:`~basin_volume.curvature.MAX_DIM` parameters and :mod:`torch.func` can
+        differentiate it twice, else follows the Gaussian-cooling path; ``"hessian"``
+        requires it; ``"none"`` never uses it.
 
     Numbers may be Python, numpy or 0-d torch scalars.
 
@@ -369,7 +387,7 @@ def estimate(
             fn, center, pre, n_samples=n_samples, cutoff=cutoff, measure=measure, sigma=sigma,
             rtol=rtol, seed=seed, progress=progress, max_evals=max_evals,
             max_radius=max_radius, budget=budget, replicas=replicas, n_moves=n_moves,
-            batch_fn=batch_fn, model_batch_size=model_batch_size,
+            batch_fn=batch_fn, model_batch_size=model_batch_size, curvature=curvature,
         )
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)

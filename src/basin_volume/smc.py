@@ -63,7 +63,7 @@ objective (batched, on any device) is the caller's business.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,7 +220,7 @@ def smc_sampler(
     n_particles: int,
     n_moves: int,
     seed: int,
-    start: ProjectedNormal | None = None,
+    start: ProjectedNormal | Callable[[], ProjectedNormal | None] | None = None,
     dense: bool = False,
     ess_target: float = 0.5,
 ) -> Generator[RadiusRequest, Radii, SMCRun]:
@@ -238,9 +238,12 @@ def smc_sampler(
         Metropolis-Hastings moves of every particle at each level.
     seed : int
         Seed of every random choice of the run.
-    start : ProjectedNormal, optional
-        The shortcut's proposal. Default: the prior-ray law :math:`PN(-\theta_0, \sigma^2 I)`
-        for the Gaussian measure, uniform directions for the uniform one.
+    start : ProjectedNormal or callable, optional
+        An informed proposal (or a function that builds one when first needed, or gives
+        ``None``): importance sampling from it when its weights are even enough, else
+        tempering from it to the target (``kind="tempered"``). Without one the sampler
+        follows the Gaussian-cooling path. For the Gaussian measure, prior rays are tried
+        first either way.
     dense : bool
         Fit dense (``True``) or diagonal (default) reference laws for the moves. Dense
         references are experimental: fitted from a few hundred particles they overfit them
@@ -262,46 +265,56 @@ def smc_sampler(
     n = n_particles
     gen = torch.Generator().manual_seed(seed)
     path = _Path(d, 0.0 if sigma is None else 1.0 / sigma**2, float(theta0 @ theta0))
-    bounded = start is None and sigma is not None
-    if start is None:
-        start = (
-            ProjectedNormal(torch.ones(d, dtype=torch.float64))
-            if sigma is None
-            else ProjectedNormal(torch.full((d,), sigma**2, dtype=torch.float64), -theta0)
-        )
 
     def normals(k: int) -> torch.Tensor:
         return torch.randn(k, d, generator=gen, dtype=torch.float64)
 
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-    # The shortcut: importance sampling from the start proposal. Prior-ray weights are
-    # bounded by 1, so their sample variance is trustworthy: draw more of them (up to
-    # _MAX_RAY_BATCHES batches) while that settles the estimate.
-    batches = _MAX_RAY_BATCHES if bounded else 1
-    log_w, r = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
-    for _ in range(batches):
-        omega = unit(start.sample(normals(n)))
+    def weigh(q: ProjectedNormal):
+        """N draws of q with their radii and log importance weights (log pi - log q)."""
+        x = q.sample(normals(n))
+        omega = _unit(x)
         radii = yield RadiusRequest(omega, torch.full((n,), math.nan), torch.full((n,), math.nan))
-        c = omega @ theta0
-        new = log_sphere_area(d) + path.log_mass(path.end, radii.radius, c)
-        log_w = torch.cat([log_w, new - start.log_density(omega)])
-        r = torch.cat([r, radii.radius])
-        if bounded and _relative_error(log_w) <= _BOUNDED_RSE:
-            break
-    slope = radii.slope
-    ess_start = _ess(log_w)
-    settled = _relative_error(log_w) <= _BOUNDED_RSE if bounded else ess_start >= ess_target * n
-    if settled:
-        return SMCRun(_log_mean_exp(log_w), "is", 0, ess_start, (), (), r, log_w)
-    r = radii.radius
+        ell = log_sphere_area(d) + path.log_mass(path.end, radii.radius, omega @ theta0)
+        return x, radii, ell - q.log_density(omega)
+
+    ess_start = math.nan
+    if sigma is not None:
+        # Prior rays first: their weights are bounded by 1, so their sample variance can be
+        # trusted; draw batches while the relative standard error is on course to reach
+        # _BOUNDED_RSE within _MAX_RAY_BATCHES batches.
+        prior = ProjectedNormal(torch.full((d,), sigma**2, dtype=torch.float64), -theta0)
+        log_w, r = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+        for k in range(1, _MAX_RAY_BATCHES + 1):
+            _, radii, ell = yield from weigh(prior)
+            log_w, r = torch.cat([log_w, ell]), torch.cat([r, radii.radius])
+            rse = _relative_error(log_w)
+            if rse <= _BOUNDED_RSE:
+                return SMCRun(_log_mean_exp(log_w), "is", 0, _ess(log_w), (), (), r, log_w)
+            if k * (rse / _BOUNDED_RSE) ** 2 > _MAX_RAY_BATCHES:
+                break
+        ess_start, slope, r = _ess(log_w), radii.slope, radii.radius
+    if callable(start):
+        start = start()
+    if start is not None:
+        # An informed proposal: importance sampling if its weights are even enough, else
+        # tempering from it to the target.
+        x, radii, ell = yield from weigh(start)
+        ess_start = _ess(ell)
+        if ess_start >= ess_target * n:
+            return SMCRun(_log_mean_exp(ell), "is", 0, ess_start, (), (), radii.radius, ell)
+        return (yield from _tempered(
+            start, x, radii, ell, theta0, path, n_moves=n_moves, ess_target=ess_target,
+            gen=gen, ess_start=ess_start,
+        ))
 
     # The cooling path's start: uniform directions, weighted to pi_{a0}.
-    if not (sigma is None and start.mean is None and bool((start.cov == 1).all())):
-        omega = unit(normals(n))
-        radii = yield RadiusRequest(omega, r.nanmedian().expand(n).clone(), slope)
-        r, slope, c = radii.radius, radii.slope, omega @ theta0
+    omega = _unit(normals(n))
+    guess = r.nanmedian().expand(n).clone() if sigma is not None else torch.full((n,), math.nan)
+    radii = yield RadiusRequest(omega, guess, slope if sigma is not None else guess.clone())
+    r, slope, c = radii.radius, radii.slope, omega @ theta0
+    if sigma is None:
+        with np.errstate(divide="ignore"):
+            ess_start = _ess(d * torch.log(r))
 
     def start_weights(a: float) -> torch.Tensor:
         whole_ray = path.log_mass(a, torch.full_like(r, math.inf), c)
@@ -340,7 +353,7 @@ def smc_sampler(
         accepted = []
         for _ in range(n_moves):
             x_new = ref.crank_nicolson(x, rho, normals(n))
-            omega_new = unit(x_new)
+            omega_new = _unit(x_new)
             radii = yield RadiusRequest(omega_new, r.clone(), slope.clone())
             r_new, c_new = radii.radius, omega_new @ theta0
             log_i_new = path.log_mass(a, r_new, c_new)
@@ -359,6 +372,76 @@ def smc_sampler(
             rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
         acceptance.append(sum(accepted) / max(len(accepted), 1))
     return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance), r, log_i)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
+def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int,
+              ess_target: float, gen: torch.Generator, ess_start: float):
+    r"""SMC from the proposal :math:`q` to the target along :math:`\pi_\beta \propto
+    q^{1-\beta}\pi^\beta`, in the lifted space of :math:`x \sim N(m, C)`.
+
+    The lifted targets :math:`p_\beta(x) \propto N(x; m, C)\,e^{\beta\ell(\hat x)}`,
+    :math:`\ell = \log\pi - \log q`, have :math:`\pi_\beta` as their directions' law, and
+    the proposal's own draws ``x`` are exact draws of :math:`p_0`: no lifting step is needed.
+    Reweighting from :math:`\beta` to :math:`\beta'` multiplies by
+    :math:`e^{(\beta'-\beta)\ell}` (no evaluation); Crank-Nicolson moves preserve
+    :math:`N(m, C)`, so they are accepted with probability
+    :math:`\min(1, e^{\beta(\ell' - \ell)})`.
+    """
+    n, d = x.shape
+    r, slope = radii.radius, radii.slope
+    log_z, beta, rho = 0.0, 0.0, 0.5
+    levels, acceptance = [], []
+    if not bool(torch.isfinite(ell).any()):
+        return SMCRun(-math.inf, "smc", 0, ess_start, (), (), r, ell)
+    while beta < 1.0:
+        beta_next = _next_beta(ell, beta, ess_target * n)
+        inc = (beta_next - beta) * ell
+        log_z += _log_mean_exp(inc)
+        keep = _systematic(inc, gen)
+        x, r, slope, ell = x[keep], r[keep], slope[keep], ell[keep]
+        beta = beta_next
+        levels.append(beta)
+        rates = []
+        for _ in range(n_moves):
+            x_new = q.crank_nicolson(x, rho, torch.randn(n, d, generator=gen, dtype=torch.float64))
+            omega_new = _unit(x_new)
+            found = yield RadiusRequest(omega_new, r.clone(), slope.clone())
+            c_new = omega_new @ theta0
+            ell_new = (
+                log_sphere_area(d) + path.log_mass(path.end, found.radius, c_new)
+                - q.log_density(omega_new)
+            )
+            u = torch.rand(n, generator=gen, dtype=torch.float64).log()
+            acc = u < torch.nan_to_num(beta * (ell_new - ell), nan=-math.inf)
+            rate = float(acc.double().mean())
+            rates.append(rate)
+            x = torch.where(acc[:, None], x_new, x)
+            r = torch.where(acc, found.radius, r)
+            slope = torch.where(acc, found.slope, slope)
+            ell = torch.where(acc, ell_new, ell)
+            rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
+        acceptance.append(sum(rates) / max(len(rates), 1))
+    log_i = ell + q.log_density(_unit(x)) - log_sphere_area(d)
+    return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
+                  r, log_i)
+
+
+def _next_beta(ell: torch.Tensor, beta: float, target: float) -> float:
+    """The next inverse temperature: 1 if the ESS allows, else by bisection."""
+    if _ess((1.0 - beta) * ell) >= target:
+        return 1.0
+    lo, hi = beta, 1.0  # lo: fine; hi: too far
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        if _ess((mid - beta) * ell) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo if lo > beta else hi
 
 
 def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:

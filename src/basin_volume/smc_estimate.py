@@ -21,6 +21,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .curvature import CurvatureProposal
 from .directions import direction_seed
 from .integrals import log_sphere_area
 from .preconditioners import DiagonalPreconditioner, as_preconditioner
@@ -139,11 +140,14 @@ def estimate_smc(
     batch_size: int,
     first_guess: float,
     meta: dict,
+    start: ProjectedNormal | CurvatureProposal | None = None,
 ) -> VolumeResult:
     """:func:`basin_volume.estimate` with ``method="smc"``; the arguments are documented there.
 
     ``rays`` evaluates the objective around the centre; the settings are already validated
-    and resolved (``sigma`` is ``nan`` for the uniform measure).
+    and resolved (``sigma`` is ``nan`` for the uniform measure). ``start`` is the informed proposal
+    the sampler may temper from (default: the preconditioner's); a
+    :class:`~basin_volume.curvature.CurvatureProposal`'s evaluations count against ``budget``.
     """
     pre = as_preconditioner(preconditioner, rays.dim)
     if pre is not None and not isinstance(pre, DiagonalPreconditioner):
@@ -151,12 +155,13 @@ def estimate_smc(
             "method='smc' takes a preconditioner of per-parameter scales (a 1-D tensor); "
             f"got {type(pre).__name__}; use method='is' for dense or stretched proposals"
         )
-    start = None if pre is None else ProjectedNormal(pre.scales.square())
+    if pre is not None:
+        start = ProjectedNormal(pre.scales.square())
     f0 = rays.value_at_center()
     if not math.isfinite(f0):
         raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
     started = time.perf_counter()
-    spent = 0
+    searched = 0
     runs, failures = [], {}
     bar = tqdm(total=replicas, disable=not progress, desc="SMC replicas", unit="replica")
     try:
@@ -178,7 +183,8 @@ def estimate_smc(
                     rtol=rtol, max_radius=max_radius, max_evals=max_evals,
                     batch_size=batch_size,
                 )
-                spent += int(found["n_evals"].sum())
+                searched += int(found["n_evals"].sum())
+                spent = searched + getattr(start, "evals", 0)
                 for st in found["status"]:
                     if st not in ("converged", "unbounded"):
                         failures[st] = failures.get(st, 0) + 1
@@ -197,6 +203,8 @@ def estimate_smc(
     finally:
         bar.close()
         rays.restore()
+    spent = searched + getattr(start, "evals", 0)
+    meta = {**meta, "curvature_evals": getattr(start, "evals", 0)}
     return _assemble(runs, failures, spent, dim=rays.dim, measure=measure, cutoff=cutoff,
                      sigma=sigma, rtol=rtol, seed=seed, f0=f0, started=started, meta=meta)
 

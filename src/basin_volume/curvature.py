@@ -1,0 +1,162 @@
+r"""A proposal from the objective's curvature at the centre: the basin's quadratic picture.
+
+Near :math:`\theta_0` a smooth objective is :math:`\delta(\theta_0 + x) \approx \tfrac12 x^\top H
+x` (the gradient vanishes at a minimum; a KL basin's Hessian is the Fisher information), so the
+basin is close to the ellipsoid :math:`x^\top M x \le 1` with :math:`M = H / 2\varepsilon`. For
+the uniform measure the directions of that ellipsoid's points follow the angular central
+Gaussian with covariance :math:`M^{-1}` *exactly*: with it every direction's importance weight
+is the same. Uniform points of the ellipsoid have covariance :math:`M^{-1}/(D+2)`, so the
+ellipsoid acts on directions like the Gaussian factor :math:`e^{-(D+2)\,x^\top M x/2}`; under
+the Gaussian prior :math:`N(0, \sigma^2 I)` (in :math:`x`: mean :math:`-\theta_0`) the product
+of the two is the normal law
+
+.. math:: N(\mu, P^{-1}),\qquad P = (D+2)\,M + I/\sigma^2,\qquad \mu = -P^{-1}\theta_0/\sigma^2,
+
+whose projected normal law (:class:`~basin_volume.projected_normal.ProjectedNormal`) is the
+proposal: like the ellipsoid's where the basin is narrower than the prior, like the prior
+rays' where the basin is flat. Negative curvature (not a minimum) is clipped to flat.
+
+The Hessian comes from :mod:`torch.func` (reverse over reverse, in chunks of rows): dense up to
+:data:`DENSE_MAX_DIM` parameters, its diagonal up to :data:`MAX_DIM`, nothing beyond (each row
+costs one Hessian-vector product, counted as :data:`EVALS_PER_HVP` evaluations of the
+objective).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .projected_normal import ProjectedNormal
+
+__all__ = [
+    "DENSE_MAX_DIM", "EVALS_PER_HVP", "MAX_DIM", "CurvatureProposal", "curvature_proposal",
+    "hessian",
+]
+
+DENSE_MAX_DIM = 5000
+MAX_DIM = 20000
+EVALS_PER_HVP = 4  # a gradient costs about two evaluations, a Hessian-vector product two more
+
+
+def hessian(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    center: torch.Tensor,
+    *,
+    dense: bool,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """The Hessian of ``fn`` at ``center`` (``[D, D]``), or its diagonal (``[D]``), in float64.
+
+    Rows are computed ``chunk`` at a time as Hessian-vector products with basis vectors
+    (:func:`torch.func.vjp` of :func:`torch.func.grad`, vectorised by :func:`torch.func.vmap`).
+    Raises whatever :mod:`torch.func` raises when ``fn`` is not differentiable by it.
+    """
+    c = center.detach()
+    d = c.numel()
+    _, pullback = torch.func.vjp(torch.func.grad(fn), c)
+    rows = torch.func.vmap(lambda v: pullback(v)[0])
+    out = torch.empty((d, d) if dense else (d,), dtype=torch.float64)
+    for start in range(0, d, chunk):
+        stop = min(d, start + chunk)
+        basis = torch.zeros(stop - start, d, dtype=c.dtype, device=c.device)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        block = rows(basis).detach().to("cpu", torch.float64)
+        if dense:
+            out[start:stop] = block
+        else:
+            out[start:stop] = block[torch.arange(stop - start), torch.arange(start, stop)]
+    if dense:
+        out = 0.5 * (out + out.T)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("the Hessian of fn at the centre is not finite")
+    return out
+
+
+def curvature_proposal(
+    h: torch.Tensor, center: torch.Tensor, *, cutoff: float, sigma: float | None
+) -> ProjectedNormal:
+    r"""The projected normal :math:`N(\mu, P^{-1})` of the module docstring.
+
+    Parameters
+    ----------
+    h : torch.Tensor
+        The Hessian ``[D, D]`` or its diagonal ``[D]``.
+    center : torch.Tensor
+        :math:`\theta_0`.
+    cutoff : float
+        :math:`\varepsilon`.
+    sigma : float or None
+        Prior scale; ``None`` for the uniform measure (then :math:`P = (D+2)M` with flat
+        directions given a tiny curvature, and :math:`\mu = 0`).
+    """
+    h = h.to(torch.float64)
+    d = h.shape[0]
+    if h.ndim == 2:
+        lam, vec = torch.linalg.eigh(h)
+    else:
+        lam, vec = h, None
+    lam = lam.clamp_min(0.0) * (d + 2) / (2.0 * cutoff)
+    if sigma is None:
+        top = float(lam.max())
+        if top <= 0:
+            raise ValueError("fn has no positive curvature at the centre")
+        p = lam.clamp_min(1e-12 * top)
+    else:
+        p = lam + 1.0 / sigma**2
+    theta0 = center.detach().to("cpu", torch.float64)
+    if vec is None:
+        cov = 1.0 / p
+        mean = None if sigma is None else -cov * theta0 / sigma**2
+    else:
+        cov = (vec / p) @ vec.T
+        cov = 0.5 * (cov + cov.T)
+        mean = None if sigma is None else -(vec @ ((vec.T @ theta0) / p)) / sigma**2
+    if sigma is None:
+        cov = cov / (float(cov.diagonal().mean()) if cov.ndim == 2 else float(cov.mean()))
+    if mean is not None and not math.isfinite(float(mean.norm())):
+        raise ValueError("the curvature proposal's mean is not finite")
+    return ProjectedNormal(cov, mean)
+
+
+class CurvatureProposal:
+    """:func:`curvature_proposal` for ``fn``, built when first called (``None`` if it cannot be).
+
+    The SMC sampler calls it only when the prior rays do not settle the estimate, so basins
+    that hold a sizeable part of the prior never pay for the Hessian. ``evals`` is what it
+    cost (:data:`EVALS_PER_HVP` per Hessian row). With ``required`` a failure raises
+    ``ValueError`` instead of giving ``None``.
+    """
+
+    def __init__(self, fn, center: torch.Tensor, *, cutoff: float, sigma: float | None,
+                 required: bool = False):
+        self._args = (fn, center, cutoff, sigma)
+        self.required = required
+        self.evals = 0
+        self._built = False
+        self._proposal: ProjectedNormal | None = None
+
+    def __call__(self) -> ProjectedNormal | None:
+        if not self._built:
+            self._built = True
+            self._proposal = self._build()
+        return self._proposal
+
+    def _build(self) -> ProjectedNormal | None:
+        fn, center, cutoff, sigma = self._args
+        d = center.numel()
+        if d > MAX_DIM:
+            if self.required:
+                raise ValueError(f"curvature='hessian' needs at most {MAX_DIM} parameters, got "
+                                 f"{d}; use curvature='auto' or 'none'")
+            return None
+        try:
+            self.evals = d * EVALS_PER_HVP
+            h = hessian(fn, center, dense=d <= DENSE_MAX_DIM)
+            return curvature_proposal(h, center, cutoff=cutoff, sigma=sigma)
+        except Exception as err:  # noqa: BLE001 - any failure means: no curvature here
+            if self.required:
+                raise ValueError(f"curvature='hessian' failed: {err}") from err
+            return None
