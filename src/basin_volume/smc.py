@@ -381,19 +381,24 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int,
               ess_target: float, gen: torch.Generator, ess_start: float):
     r"""SMC from the proposal :math:`q` to the target along :math:`\pi_\beta \propto
-    q^{1-\beta}\pi^\beta`, in the lifted space of :math:`x \sim N(m, C)`.
+    q^{1-\beta}\pi^\beta`.
 
-    The lifted targets :math:`p_\beta(x) \propto N(x; m, C)\,e^{\beta\ell(\hat x)}`,
-    :math:`\ell = \log\pi - \log q`, have :math:`\pi_\beta` as their directions' law, and
-    the proposal's own draws ``x`` are exact draws of :math:`p_0`: no lifting step is needed.
     Reweighting from :math:`\beta` to :math:`\beta'` multiplies by
-    :math:`e^{(\beta'-\beta)\ell}` (no evaluation); Crank-Nicolson moves preserve
-    :math:`N(m, C)`, so they are accepted with probability
-    :math:`\min(1, e^{\beta(\ell' - \ell)})`.
+    :math:`e^{(\beta'-\beta)\ell}`, :math:`\ell = \log\pi - \log q` (no evaluation). The
+    moves alternate between two references, each with its own lifted space
+    :math:`p(x) \propto N(x; m, C)\,\pi_\beta(\hat x)/\mathrm{ref}(\hat x)` in which
+    Crank-Nicolson proposals preserve :math:`N(m, C)`: :math:`q` itself (good where the
+    proposal is), and a diagonal normal law fitted to the particles at each level (which
+    learns what :math:`q` misses). Before each move the particles are lifted afresh,
+    :math:`x = \omega R` with :math:`R` from the reference's radial law.
     """
     n, d = x.shape
     r, slope = radii.radius, radii.slope
-    log_z, beta, rho = 0.0, 0.0, 0.5
+    omega = _unit(x)
+    log_q = q.log_density(omega)
+    log_p = ell + log_q
+    log_z, beta = 0.0, 0.0
+    rho = {"proposal": 0.5, "fitted": 0.5}
     levels, acceptance = [], []
     if not bool(torch.isfinite(ell).any()):
         return SMCRun(-math.inf, "smc", 0, ess_start, (), (), r, ell)
@@ -402,32 +407,46 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         inc = (beta_next - beta) * ell
         log_z += _log_mean_exp(inc)
         keep = _systematic(inc, gen)
-        x, r, slope, ell = x[keep], r[keep], slope[keep], ell[keep]
+        omega, r, slope, ell, log_q, log_p = (
+            omega[keep], r[keep], slope[keep], ell[keep], log_q[keep], log_p[keep]
+        )
         beta = beta_next
         levels.append(beta)
+        # Points of the basin along the particles' rays (uniform in the basin when the
+        # particles follow pi), whose covariance is the basin's shape.
+        t = _truncated_radius(r.clamp_max(1e300), omega @ theta0, path.end, path, gen)
+        fitted = ProjectedNormal.fit(omega * t[:, None], dense=False,
+                                     with_mean=q.mean is not None)
         rates = []
-        for _ in range(n_moves):
-            x_new = q.crank_nicolson(x, rho, torch.randn(n, d, generator=gen, dtype=torch.float64))
+        for move in range(n_moves):
+            kind = "proposal" if move % 2 == 0 else "fitted"
+            ref = q if kind == "proposal" else fitted
+            x = omega * ref.radial(omega, gen)[:, None]
+            phi = beta * log_p + (1 - beta) * log_q - ref.log_density(omega)
+            x_new = ref.crank_nicolson(
+                x, rho[kind], torch.randn(n, d, generator=gen, dtype=torch.float64)
+            )
             omega_new = _unit(x_new)
             found = yield RadiusRequest(omega_new, r.clone(), slope.clone())
-            c_new = omega_new @ theta0
-            ell_new = (
-                log_sphere_area(d) + path.log_mass(path.end, found.radius, c_new)
-                - q.log_density(omega_new)
+            log_q_new = q.log_density(omega_new)
+            log_p_new = log_sphere_area(d) + path.log_mass(
+                path.end, found.radius, omega_new @ theta0
             )
+            phi_new = beta * log_p_new + (1 - beta) * log_q_new - ref.log_density(omega_new)
             u = torch.rand(n, generator=gen, dtype=torch.float64).log()
-            acc = u < torch.nan_to_num(beta * (ell_new - ell), nan=-math.inf)
+            acc = u < torch.nan_to_num(phi_new - phi, nan=-math.inf)
             rate = float(acc.double().mean())
             rates.append(rate)
-            x = torch.where(acc[:, None], x_new, x)
+            omega = torch.where(acc[:, None], omega_new, omega)
             r = torch.where(acc, found.radius, r)
             slope = torch.where(acc, found.slope, slope)
-            ell = torch.where(acc, ell_new, ell)
-            rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
+            log_q = torch.where(acc, log_q_new, log_q)
+            log_p = torch.where(acc, log_p_new, log_p)
+            ell = log_p - log_q
+            rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - _ACCEPT_TARGET)))
         acceptance.append(sum(rates) / max(len(rates), 1))
-    log_i = ell + q.log_density(_unit(x)) - log_sphere_area(d)
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  r, log_i)
+                  r, log_p - log_sphere_area(d))
 
 
 def _next_beta(ell: torch.Tensor, beta: float, target: float) -> float:

@@ -34,6 +34,13 @@ from .smc import Radii, smc_sampler
 __all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
 
 
+_SEGMENT_POINTS = 8  # points checked inside a flattening ray's radius
+_CHECK_SLOPE = 1.5  # rays whose delta grows slower than t^1.5 somewhere are checked
+_GRAZE = 0.9  # local maxima of delta above this fraction of the cutoff are refined
+_GOLDEN_STEPS = 8
+_BISECTIONS = 40
+
+
 class BudgetExhausted(RuntimeError):
     """The evaluation budget ran out before the sampler finished."""
 
@@ -91,11 +98,7 @@ def search_radii(
     history: list[list[tuple[float, float]]] = [[] for _ in searches]
     while pending:
         pairs = list(pending.items())
-        values = [
-            v
-            for i in range(0, len(pairs), batch_size)
-            for v in rays.values_at_many(pairs[i : i + batch_size])
-        ]
+        values = _values(rays, pairs, batch_size)
         for (k, t), v in zip(pairs, values, strict=True):
             d = v - f0
             history[k].append((t, d))
@@ -104,7 +107,6 @@ def search_radii(
             except StopIteration as stop:
                 results[k] = stop.value
                 del pending[k]
-    rays.restore()
     radius = [
         _cutoff_radius(history[k], cutoff, res.radius, res.delta, res.slope)
         if res.status == RayStatus.CONVERGED
@@ -113,12 +115,117 @@ def search_radii(
         else res.radius
         for k, res in enumerate(results)
     ]
+    n_evals = [r.n_evals for r in results]
+    suspect = [
+        k for k, res in enumerate(results)
+        if res.status == RayStatus.CONVERGED and not _least_slope(history[k]) >= _CHECK_SLOPE
+    ]
+    if suspect:
+        found = _first_crossings(rays, {k: radius[k] for k in suspect}, history, f0=f0,
+                                 cutoff=cutoff, rtol=rtol, batch_size=batch_size)
+        for k, (r, spent) in found.items():
+            radius[k] = r
+            n_evals[k] += spent
+    rays.restore()
     return {
         "radius": torch.tensor(radius, dtype=torch.float64),
         "slope": torch.tensor([r.slope for r in results], dtype=torch.float64),
-        "n_evals": torch.tensor([r.n_evals for r in results], dtype=torch.int64),
+        "n_evals": torch.tensor(n_evals, dtype=torch.int64),
         "status": [str(r.status) for r in results],
     }
+
+
+def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rtol,
+                     batch_size) -> dict[int, tuple[float, int]]:
+    r"""Check that the crossings found are the first ones; move them back where not.
+
+    A search that stepped over a bump of :math:`\delta` (it rises above the cutoff, then falls
+    back) has found a later crossing, and the basin is star-shaped only up to the first. The
+    rays checked here are those along which :math:`\delta` grows slower than :math:`t^{1.5}`
+    between some two evaluated points (:data:`_CHECK_SLOPE`; a quadratic basin grows like
+    :math:`t^2`, and :math:`\delta` flattens out near a bump's top). Each is evaluated at
+    :data:`_SEGMENT_POINTS` evenly spaced points inside its radius; every local maximum of
+    :math:`\delta` within :data:`_GRAZE` of the cutoff is refined by golden sections; where a
+    point is outside, the crossing is searched again by bisection below the first such point.
+    Returns
+    ``{ray: (radius, evaluations spent)}``.
+    """
+    m = _SEGMENT_POINTS
+    pairs = [(k, r * j / (m + 1)) for k, r in radius.items() for j in range(1, m + 1)]
+    values = _values(rays, pairs, batch_size)
+    out = {k: (r, m) for k, r in radius.items()}
+    for (k, t), v in zip(pairs, values, strict=True):
+        history[k].append((t, v - f0))
+    # A bump that only grazes the cutoff falls between grid points: refine every local
+    # maximum of the points seen that comes within _GRAZE of the cutoff (golden sections).
+    peaks = {}
+    for k, r in radius.items():
+        pts = sorted((t, d) for t, d in history[k] if t < r and math.isfinite(d))
+        for i in range(1, len(pts) - 1):
+            (t0, d0), (t1, d1), (t2, d2) = pts[i - 1], pts[i], pts[i + 1]
+            if d1 >= d0 and d1 >= d2 and _GRAZE * cutoff <= d1 <= cutoff:
+                peaks[(k, i)] = [t0, t1, t2]
+    for _ in range(_GOLDEN_STEPS):
+        if not peaks:
+            break
+        probes = []
+        for key, (a, b, c) in peaks.items():
+            probes.append((key, b + 0.382 * (c - b) if c - b > b - a else b - 0.382 * (b - a)))
+        values = _values(rays, [(key[0], t) for key, t in probes], batch_size)
+        for (key, t), v in zip(probes, values, strict=True):
+            k, d = key[0], v - f0
+            history[k].append((t, d))
+            out[k] = (out[k][0], out[k][1] + 1)
+            a, b, c = peaks[key]
+            d_b = dict(history[k])[b]
+            if d > cutoff or not math.isfinite(d):
+                del peaks[key]  # outside: found what we looked for
+            elif d > d_b:
+                peaks[key] = [b, t, c] if t > b else [a, t, b]
+            else:
+                peaks[key] = [a, b, t] if t > b else [t, b, c]
+    brackets = {}
+    for k in radius:
+        for t, d in sorted(history[k]):
+            if t < radius[k] and not d <= cutoff:  # nan counts as outside
+                below = [ti for ti, di in history[k] if ti < t and 0 <= di <= cutoff]
+                brackets[k] = [max(below, default=0.0), t]
+                break
+    for _ in range(_BISECTIONS):
+        if not brackets:
+            break
+        pairs = [(k, 0.5 * (lo + hi)) for k, (lo, hi) in brackets.items()]
+        for (k, t), v in zip(pairs, _values(rays, pairs, batch_size), strict=True):
+            d = v - f0
+            history[k].append((t, d))
+            out[k] = (out[k][0], out[k][1] + 1)
+            brackets[k][0 if d <= cutoff else 1] = t
+            if abs(d - cutoff) <= rtol * cutoff or brackets[k][1] - brackets[k][0] < 1e-9 * t:
+                hi = brackets.pop(k)[1]
+                below = [(ti, di) for ti, di in history[k] if ti <= hi]
+                out[k] = (_cutoff_radius(below, cutoff, t, d, 2.0), out[k][1])
+    for k, (lo, _hi) in brackets.items():  # not converged: the inner bracket end
+        out[k] = (lo, out[k][1])
+    return out
+
+
+def _least_slope(history: list[tuple[float, float]]) -> float:
+    """The smallest log-log slope of delta between consecutive evaluated points (nan: none)."""
+    pts = sorted((t, d) for t, d in history if t > 0 and math.isfinite(d) and d > 0)
+    slopes = [
+        math.log(d2 / d1) / math.log(t2 / t1)
+        for (t1, d1), (t2, d2) in zip(pts, pts[1:], strict=False)
+        if t2 > t1
+    ]
+    return min(slopes, default=math.nan)
+
+
+def _values(rays, pairs, batch_size: int) -> list[float]:
+    return [
+        v
+        for i in range(0, len(pairs), batch_size)
+        for v in rays.values_at_many(pairs[i : i + batch_size])
+    ]
 
 
 def estimate_smc(
