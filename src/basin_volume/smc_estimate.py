@@ -36,6 +36,7 @@ __all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
 
 _SEGMENT_POINTS = 8  # points checked inside a flattening ray's radius
 _CHECK_SLOPE = 1.5  # rays whose delta grows slower than t^1.5 somewhere are checked
+_CHECK_GAP = 2.0  # and rays whose evaluated points leave a wider gap than this factor
 _GRAZE = 0.9  # local maxima of delta above this fraction of the cutoff are refined
 _GOLDEN_STEPS = 8
 _BISECTIONS = 40
@@ -118,7 +119,7 @@ def search_radii(
     n_evals = [r.n_evals for r in results]
     suspect = [
         k for k, res in enumerate(results)
-        if res.status == RayStatus.CONVERGED and not _least_slope(history[k]) >= _CHECK_SLOPE
+        if res.status == RayStatus.CONVERGED and _unchecked(history[k], res.radius)
     ]
     if suspect:
         found = _first_crossings(rays, {k: radius[k] for k in suspect}, history, f0=f0,
@@ -141,14 +142,11 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
 
     A search that stepped over a bump of :math:`\delta` (it rises above the cutoff, then falls
     back) has found a later crossing, and the basin is star-shaped only up to the first. The
-    rays checked here are those along which :math:`\delta` grows slower than :math:`t^{1.5}`
-    between some two evaluated points (:data:`_CHECK_SLOPE`; a quadratic basin grows like
-    :math:`t^2`, and :math:`\delta` flattens out near a bump's top). Each is evaluated at
-    :data:`_SEGMENT_POINTS` evenly spaced points inside its radius; every local maximum of
-    :math:`\delta` within :data:`_GRAZE` of the cutoff is refined by golden sections; where a
-    point is outside, the crossing is searched again by bisection below the first such point.
-    Returns
-    ``{ray: (radius, evaluations spent)}``.
+    rays checked here are those where a bump could hide (:func:`_unchecked`). Each is
+    evaluated at :data:`_SEGMENT_POINTS` evenly spaced points inside its radius; every local
+    maximum of :math:`\delta` within :data:`_GRAZE` of the cutoff is refined by golden
+    sections; where a point is outside, the crossing is searched again by bisection below the
+    first such point. Returns ``{ray: (radius, evaluations spent)}``.
     """
     m = _SEGMENT_POINTS
     pairs = [(k, r * j / (m + 1)) for k, r in radius.items() for j in range(1, m + 1)]
@@ -209,15 +207,18 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
     return out
 
 
-def _least_slope(history: list[tuple[float, float]]) -> float:
-    """The smallest log-log slope of delta between consecutive evaluated points (nan: none)."""
-    pts = sorted((t, d) for t, d in history if t > 0 and math.isfinite(d) and d > 0)
-    slopes = [
-        math.log(d2 / d1) / math.log(t2 / t1)
-        for (t1, d1), (t2, d2) in zip(pts, pts[1:], strict=False)
-        if t2 > t1
-    ]
-    return min(slopes, default=math.nan)
+def _unchecked(history: list[tuple[float, float]], radius: float) -> bool:
+    """Whether a bump could hide below ``radius``: the evaluated points leave a gap wider
+    than a factor :data:`_CHECK_GAP`, or delta grows slower than :math:`t^{1.5}` between two of
+    them (:data:`_CHECK_SLOPE`; a quadratic basin grows like :math:`t^2`)."""
+    pts = sorted((t, d) for t, d in history if 0 < t <= radius and math.isfinite(d) and d > 0)
+    if not pts or pts[0][0] > radius / _CHECK_GAP:
+        return True
+    for (t1, d1), (t2, d2) in zip(pts, pts[1:], strict=False):
+        too_flat = t2 > t1 and math.log(d2 / d1) < _CHECK_SLOPE * math.log(t2 / t1)
+        if t2 > _CHECK_GAP * t1 or too_flat:
+            return True
+    return False
 
 
 def _values(rays, pairs, batch_size: int) -> list[float]:
