@@ -944,6 +944,7 @@ for _family, _quick in (("mlp52", True), ("digits", False)):
         held_out=True,
     )
 _add("mlp52-kl-c0.01", network, 0, family="mlp52", cutoff=0.01, no_truth=True)
+_add("digits-kl-c0.01", network, 0, family="digits", cutoff=0.01, no_truth=True, quick=False)
 _add("exact-proposal-ellipsoid-d10000", ellipsoid_uniform, 501, dim=10_000, exact=True)
 _add(
     "exact-proposal-ellipsoid-d100000",

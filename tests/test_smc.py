@@ -28,10 +28,14 @@ def _ellipsoid(dim, decades, seed=1000, eps=1e-2):
 
 
 def _drive(sampler, radius_of):
-    """Run a sampler with exact radii from ``radius_of(omegas)``."""
+    """Run a sampler with exact radii from ``radius_of(omegas)`` (or ``radius_of(omegas,
+    level)`` when it takes the cutoff multiplier too)."""
+    import inspect
+
+    with_level = len(inspect.signature(radius_of).parameters) == 2
     request = next(sampler)
     while True:
-        r = radius_of(request.omegas)
+        r = radius_of(request.omegas, request.level) if with_level else radius_of(request.omegas)
         try:
             request = sampler.send(Radii(r, torch.full_like(r, 2.0)))
         except StopIteration as stop:
@@ -300,3 +304,30 @@ def test_segment_check_finds_the_first_crossing_past_a_bump():
                          f0=float(fn(c)), cutoff=eps, rtol=1e-3, max_radius=100.0,
                          max_evals=60, batch_size=8)
     assert found["radius"].tolist() == pytest.approx([first] * 6, rel=1e-3)
+
+
+def test_annealing_the_cutoff_matches_the_noncentral_chi_square():
+    """delta = |x|^4 / 4 around theta0 under N(0, sigma^2 I), D = 10: the basin is a ball of
+    radius (4 eps)^(1/4) whose probability (about e^-7, too small for prior rays alone, large
+    enough to anneal to) is a noncentral chi-square CDF (mpmath quadrature)."""
+    dim, sigma, eps = 10, 1.0, 1.0
+    c = torch.full((dim,), 0.5, dtype=torch.float64)
+    radius = (4 * eps) ** 0.25
+    nc, df = float(c @ c) / sigma**2, dim
+    x = (radius / sigma) ** 2
+    v = df / 2 - 1
+    exact = math.log(float(mpmath.quad(
+        lambda t: mpmath.exp(-(t + nc) / 2) / 2 * (t / nc) ** (v / 2)
+        * mpmath.besseli(v, mpmath.sqrt(nc * t)), [0, x])))
+    assert -8 < exact < -5
+
+    def radius_of(om, level):
+        return torch.full((om.shape[0],), (4 * eps * level) ** 0.25, dtype=torch.float64)
+
+    runs = [
+        _drive(smc_sampler(c, sigma=sigma, n_particles=300, n_moves=3, seed=s), radius_of)
+        for s in range(3)
+    ]
+    assert all(r.kind == "annealed" for r in runs)
+    for r in runs:
+        assert r.log_z == pytest.approx(exact, abs=0.35)

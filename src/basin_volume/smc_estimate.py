@@ -287,7 +287,8 @@ def estimate_smc(
                 known = torch.isfinite(request.guesses) & (request.guesses > 0)
                 guesses = torch.where(known, request.guesses, first_guess)
                 found = search_radii(
-                    rays, request.omegas, guesses, request.slopes, f0=f0, cutoff=cutoff,
+                    rays, request.omegas, guesses, request.slopes, f0=f0,
+                    cutoff=cutoff * request.level,
                     rtol=rtol, max_radius=max_radius, max_evals=max_evals,
                     batch_size=batch_size,
                 )
