@@ -19,12 +19,7 @@ from typing import Any
 import torch
 
 from . import checks
-from .adaptive import (
-    PreconditionerType,
-    estimate_adaptive,
-    parse_preconditioner_type,
-    resolve_preconditioner,
-)
+from .adaptive import estimate_adaptive
 from .devices import default_device
 from .distributed import from_rank0, init_from_env
 from .estimator import Measure, estimate, run_rays
@@ -36,7 +31,12 @@ from .parameters import (
     preserved,
     select_parameters,
 )
-from .preconditioners import as_preconditioner
+from .preconditioners import (
+    PreconditionerType,
+    as_preconditioner,
+    parse_preconditioner_type,
+    resolve_preconditioner,
+)
 from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
 

@@ -21,8 +21,8 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
     a usage error rather than a failure after the data is loaded; the Fisher kinds are
     computed by :class:`~basin_volume.config.VolumeEstimator` on the run's own inputs.
     """
-    from ..adaptive import resolve_preconditioner
     from ..parameters import preserved
+    from ..preconditioners import resolve_preconditioner
 
     kind = args.preconditioner
     if kind == "none":

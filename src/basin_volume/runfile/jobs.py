@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from .. import checks
-from ..adaptive import PreconditionerType
 from ..config import VolumeConfig, VolumeEstimator
 from ..estimator import Measure, _check_center, estimate
+from ..preconditioners import PreconditionerType
 from ..result import DirectionRecord, VolumeResult
 from .fingerprint import _center_stats, _data_fingerprint, _preconditioner_fingerprint, _probe
 
