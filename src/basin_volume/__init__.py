@@ -7,7 +7,7 @@ The public surface is small: :func:`estimate` for any function of a parameter ve
 __version__ = "0.1.0"
 
 from .adaptive import estimate_adaptive
-from .config import ModelType, VolumeConfig, VolumeEstimator
+from .config import ModelType, VolumeConfig
 from .estimator import Measure, Method, RadiusSearchWarning, estimate
 from .plots import compare_results, plot_results, plot_scan
 from .preconditioners import (
@@ -19,6 +19,7 @@ from .preconditioners import (
 from .result import LowESSWarning, ResultFileError, VolumeResult
 from .runfile import ResumeError, estimate_to_file, load_result, run_to_file, scan
 from .smc_estimate import BudgetExhausted
+from .volume_estimator import VolumeEstimator
 
 __all__ = [
     "BudgetExhausted",

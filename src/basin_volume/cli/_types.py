@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..causal import CacheMode
+from ..config import ModelType
+from ..estimator import Measure
+from ..preconditioners import PreconditionerType
+
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv")
-MODEL_TYPES = ("auto", "causal", "classifier", "mlp", "pythia")
-PRECONDITIONERS = ("none", "adam", "fisher", "fisher_dense", "adaptive")
+MODEL_TYPES = ("auto", *(kind.value for kind in ModelType))
+PRECONDITIONERS = tuple(kind.value for kind in PreconditionerType)
+CACHE_MODES = ("auto", "none", *(mode.value for mode in CacheMode if mode is not CacheMode.AUTO))
+MEASURES = tuple(measure.value for measure in Measure)
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import VolumeConfig
 from ._types import UsageError, _first_line
 from .data import load_text_data
 from .models import LoadedModel, load_model
@@ -84,13 +86,11 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
 
 # ---------------------------------------------------------------------------- building runs
 _ESTIMATION_DEFAULTS = {
-    "n_samples": 100,
-    "cutoff": 1e-2,
-    "measure": "gaussian",
-    "sigma": None,
-    "rtol": 1e-2,
-    "seed": 0,
+    f.name: str(f.default) if isinstance(f.default, enum.Enum) else f.default
+    for f in dataclasses.fields(VolumeConfig)
+    if f.name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed")
 }
+"""The estimation settings the command line leaves unset: :class:`VolumeConfig`'s defaults."""
 
 
 def _spec(args, model_type: str) -> dict:
@@ -145,7 +145,7 @@ def _check_data_args(args, loaded: LoadedModel) -> None:
             f"--model {args.model} returns fn and center, not a model to compile; leave "
             "--compile out (compile inside the function instead)",
         )
-    if loaded.model_type in ("mlp", "classifier", "function"):
+    if loaded.model_type in ("mlp", "classifier", "convnext", "function"):
         for name in ("val_size", "max_seq_len", "cache_mode"):
             if getattr(args, name) is not None:
                 option = "--" + name.replace("_", "-")
@@ -156,7 +156,6 @@ def _check_data_args(args, loaded: LoadedModel) -> None:
 
 def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     """A :data:`basin_volume.runfile.Source` from the parsed options and the loaded model."""
-    from ..config import VolumeConfig
 
     given = {k: getattr(args, k) for k in _ESTIMATION_DEFAULTS if getattr(args, k) is not None}
     given.update(overrides or {})

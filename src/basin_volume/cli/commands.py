@@ -297,8 +297,9 @@ def _json_number(value: Any) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..config import VolumeConfig, VolumeEstimator
+    from ..config import VolumeConfig
     from ..digits import train_digits_mlp
+    from ..volume_estimator import VolumeEstimator
 
     started = time.perf_counter()
     print("training the digits MLP (64 -> 64 GELU -> 10, Adam, 1024 examples)...", flush=True)

@@ -22,8 +22,8 @@ class LoadedModel:
     Attributes
     ----------
     model_type : str
-        ``"causal"``, ``"classifier"``, ``"mlp"`` or ``"function"`` (an ``(fn, center)``
-        objective).
+        A :class:`~basin_volume.ModelType` value (``"causal"``, ``"classifier"``, ``"mlp"``,
+        ``"pythia"``, ``"convnext"``) or ``"function"`` (an ``(fn, center)`` objective).
     config : dict
         :class:`~basin_volume.VolumeConfig` fields (``model``, ``tokenizer``, ``inputs``...).
     estimate : dict, optional
@@ -219,8 +219,10 @@ def load_model(
         ``(model, tokenizer, dataset)`` (a causal LM), ``(fn, center)`` (any objective of a
         flat parameter vector), a dict of :class:`~basin_volume.VolumeConfig` fields, or a
         ``VolumeConfig``.
-    model_type : {"auto", "causal", "classifier", "mlp", "pythia"}
-        ``auto`` infers it from ``spec``.
+    model_type : {"auto", "causal", "classifier", "mlp", "pythia", "convnext"}
+        ``auto`` infers it from ``spec``. ``convnext`` (an image classifier) needs ``spec``
+        to be ``module:function`` returning ``(model, pixel_values)`` or a dict or
+        :class:`~basin_volume.VolumeConfig` with ``model_type="convnext"``.
     revision : str, optional
         Hub revision (branch, tag or commit; Pythia checkpoints are ``step1000`` etc.).
     device : str
@@ -247,6 +249,12 @@ def load_model(
         )
     dev = _device(device)
     local = Path(spec).expanduser()
+    if model_type == "convnext" and not (":" in spec and not local.exists()):
+        raise UsageError(
+            "--model-type",
+            "convnext needs --model module:function returning (model, pixel_values) (the "
+            "command line has no image data options)",
+        )
     if model_type == "pythia":
         name = spec if "/" in spec else f"EleutherAI/pythia-{spec.removeprefix('pythia-')}"
         loaded = _hf_causal(name, revision=revision, local=False, progress=progress)
@@ -273,6 +281,9 @@ def load_model(
         )
     else:
         loaded = _hf_causal(spec, revision=revision, local=False, progress=progress)
+    if model_type == "convnext" and loaded.model_type == "classifier":
+        loaded.model_type = "convnext"  # an image classifier and its pixel values
+        loaded.config["model_type"] = "convnext"
     if model_type not in ("auto", "pythia") and loaded.model_type != model_type:
         if not (model_type == "classifier" and loaded.model_type == "mlp"):
             raise UsageError(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ._types import (
+    CACHE_MODES,
     DTYPES,
+    MEASURES,
     MODEL_TYPES,
     PRECONDITIONERS,
     _eps,
@@ -118,7 +120,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cache-mode",
-        choices=("auto", "none", "cpu", "gpu"),
+        choices=CACHE_MODES,
         help="where the centre's next-token log-probabilities are kept: on the model's "
         "device (gpu), in CPU memory (cpu), recomputed at every evaluation (none), or "
         "auto (the device if it fits); all give the same estimates",
@@ -153,7 +155,7 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         )
     g.add_argument(
         "--measure",
-        choices=("gaussian", "uniform"),
+        choices=MEASURES,
         help="gaussian (default): log probability that an initialisation drawn from "
         "N(0, sigma^2 I) lands in the basin; uniform: log Lebesgue volume of the basin",
     )

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from .. import checks
-from ..config import VolumeConfig, VolumeEstimator
+from ..config import VolumeConfig
 from ..estimator import Measure, _check_center, estimate
 from ..preconditioners import PreconditionerType
 from ..result import DirectionRecord, VolumeResult
+from ..volume_estimator import VolumeEstimator
 from .fingerprint import _center_stats, _data_fingerprint, _preconditioner_fingerprint, _probe
 
 Source = VolumeConfig | VolumeEstimator | Mapping[str, Any]

@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import VolumeConfig, VolumeEstimator
+from ..config import VolumeConfig
 from ..distributed import from_rank0, init_from_env, world
 from ..estimator import estimate
 from ..result import VolumeResult
+from ..volume_estimator import VolumeEstimator
 from .jobs import Source
 from .logfile import _jsonable
 from .run import run_to_file
