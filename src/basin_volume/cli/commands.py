@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -14,8 +13,8 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from ..jsonfloat import encode
 from ._types import UsageError, _first_line, _looks_like_path
 from .assemble import (
     _ESTIMATION_DEFAULTS,
@@ -284,16 +283,10 @@ def _compare(args: argparse.Namespace) -> int:
         option = "--labels" if "labels" in str(err) else "RESULTS"
         raise UsageError(option, _first_line(err)) from None
     if args.json:
-        print(json.dumps([{k: _json_number(v) for k, v in r.items()} for r in rows], indent=1))
+        print(json.dumps([{k: encode(v) for k, v in r.items()} for r in rows], indent=1))
     else:
         print(format_comparison(rows, reference=args.reference))
     return 0
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def _demo(args: argparse.Namespace) -> int:

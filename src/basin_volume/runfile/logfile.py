@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from ..jsonfloat import decode, dumps
 from ..result import DirectionRecord, ResultFileError, VolumeResult
 from .jobs import _timings
 
@@ -43,33 +39,6 @@ def records_path(output: str | os.PathLike) -> Path:
     return path.with_name(path.name + RECORDS_SUFFIX)
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: non-finite floats as strings, tensors and objects by description."""
-    if isinstance(value, enum.Enum):
-        return _jsonable(value.value)
-    if isinstance(value, np.generic) and isinstance(value.item(), bool | int | float):
-        return _jsonable(value.item())
-    if isinstance(value, bool) or value is None or isinstance(value, str | int):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 1:
-            return _jsonable(value.item())
-        return f"Tensor(shape={list(value.shape)}, dtype={str(value.dtype).removeprefix('torch.')})"
-    return type(value).__name__
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False)
 
 
 class _Appender:
@@ -83,7 +52,7 @@ class _Appender:
     def create(cls, path: Path, header: dict) -> _Appender:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
-            fh.write((_dumps(header) + "\n").encode())
+            fh.write((dumps(header) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -97,7 +66,7 @@ class _Appender:
         return cls(path, fh)
 
     def write(self, obj: dict) -> None:
-        self._fh.write((_dumps(obj) + "\n").encode())
+        self._fh.write((dumps(obj) + "\n").encode())
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -185,11 +154,8 @@ class RunLog:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ResultFileError(f"expected a number in the run log header, found {value!r}")
-    return value
+    """A number of the run log (non-finite ones as the codec's strings)."""
+    return decode(value, error=ResultFileError)
 
 
 def read_run(path: str | os.PathLike) -> RunLog:

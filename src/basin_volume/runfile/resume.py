@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..jsonfloat import decode, is_nonfinite, jsonable
 from ..result import VolumeResult
 from .fingerprint import PROBE_RTOL, _environment
 from .jobs import _Job
 from .lock import RunLock
-from .logfile import FORMAT, FORMAT_VERSION, _Appender, _jsonable, _number, read_run, records_path
+from .logfile import FORMAT, FORMAT_VERSION, _Appender, _number, read_run, records_path
 
 
 class ResumeError(ValueError):
@@ -72,8 +73,8 @@ def _check_resumable(
             field="preconditioner",
         )
     old_data = old.get("data")
-    if isinstance(old_data, str) and old_data in ("nan", "inf", "-inf"):
-        old_data = float(old_data)
+    if is_nonfinite(old_data):
+        old_data = decode(old_data)
     if isinstance(data, float) and isinstance(old_data, int | float):
         changed = not (
             (math.isnan(old_data) and math.isnan(data))
@@ -95,7 +96,7 @@ def _check_resumable(
         for name in sorted(set(then) | set(now)):
             if name in free:
                 continue
-            if not _same(_jsonable(then.get(name)), _jsonable(now.get(name))):
+            if not _same(jsonable(then.get(name)), jsonable(now.get(name))):
                 raise ResumeError(
                     f"{where}: it was started with {name}={then.get(name)!r} but this "
                     f"run has {name}={now.get(name)!r}; use the same {name} or write to a new "

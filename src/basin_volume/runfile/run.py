@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..distributed import from_rank0, init_from_env
+from ..jsonfloat import jsonable
 from ..result import DirectionRecord, VolumeResult
 from .jobs import Source, _job, _timings
 from .lock import RunLock
-from .logfile import _jsonable
 from .resume import _check_output, _open_run, _OpenRun
 
 
@@ -117,10 +117,10 @@ def run_to_file(
             run.writer.close()
         result.meta.update(
             {
-                "settings": _jsonable(job.settings),
-                "data": _jsonable(run.data),
-                "config": _jsonable(job.config),
-                "spec": _jsonable(spec),
+                "settings": jsonable(job.settings),
+                "data": jsonable(run.data),
+                "config": jsonable(job.config),
+                "spec": jsonable(spec),
                 "environment": run.environment,
                 "created": run.created,
                 "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -14,10 +14,10 @@ from typing import Any
 from ..config import VolumeConfig
 from ..distributed import from_rank0, init_from_env, world
 from ..estimator import estimate
+from ..jsonfloat import jsonable
 from ..result import VolumeResult
 from ..volume_estimator import VolumeEstimator
 from .jobs import Source
-from .logfile import _jsonable
 from .run import run_to_file
 
 
@@ -125,7 +125,7 @@ def scan(
     if rank != 0:
         return rows
     with open(out_dir / "scan.json", "w") as fh:
-        json.dump(_jsonable({"axis": axis, "rows": rows}), fh, indent=1)
+        json.dump(jsonable({"axis": axis, "rows": rows}), fh, indent=1)
     if plot:
         from ..plots import plot_scan
 
