@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from . import checks
-from .estimator import Measure
 from .parameters import (
     compile_options,
 )
@@ -29,6 +28,7 @@ from .preconditioners import (
     PreconditionerType,
     parse_preconditioner_type,
 )
+from .settings import Measure
 
 __all__ = ["ModelType", "VolumeConfig"]
 

@@ -7,8 +7,8 @@ import os
 
 from ..causal import CacheMode
 from ..config import ModelType
-from ..estimator import Measure
 from ..preconditioners import PreconditionerType
+from ..settings import Measure
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv")
 MODEL_TYPES = ("auto", *(kind.value for kind in ModelType))

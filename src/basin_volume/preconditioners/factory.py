@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..parameters import select_parameters
+from ..settings import default_sigma
 from .adam import adam_preconditioner
 from .fisher import fisher_matrix, fisher_preconditioner
 from .operators import DensePreconditioner, Preconditioner
@@ -116,8 +117,9 @@ def resolve_preconditioner(
             raise ValueError("eps='prior' needs the run's cutoff; pass cutoff=")
         params = [p.detach() for _, p in select_parameters(model, parameters)]
         dim = sum(p.numel() for p in params)
-        if sigma is None:  # the RMS of the centre, as in basin_volume.estimate
-            sigma = math.sqrt(sum(float(p.double().square().sum()) for p in params) / dim)
+        if sigma is None:
+            norm = math.sqrt(sum(float(p.double().square().sum()) for p in params))
+            sigma = default_sigma(norm, dim)
         eps = prior_eps(cutoff, sigma, dim, exponent=exponent)
     if kind is PreconditionerType.ADAM:
         if optimizer is None:

@@ -12,9 +12,10 @@ import torch
 
 from .. import checks
 from ..config import VolumeConfig
-from ..estimator import Measure, _check_center, estimate
+from ..estimator import _check_center, estimate
 from ..preconditioners import PreconditionerType
 from ..result import DirectionRecord, VolumeResult
+from ..settings import Measure, default_sigma, parse_measure
 from ..volume_estimator import VolumeEstimator
 from .fingerprint import _center_stats, _data_fingerprint, _preconditioner_fingerprint, _probe
 
@@ -50,16 +51,13 @@ def _settings(tensors, *, n_samples, measure, cutoff, sigma, rtol, seed, precond
     n_samples = checks.check_positive("n_samples", n_samples, integer=True)
     cutoff = checks.check_positive("cutoff", cutoff)
     rtol, seed = checks.check_rtol(rtol), checks.check_seed(seed)
-    try:
-        measure = Measure(measure)
-    except ValueError:
-        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
+    measure = parse_measure(measure)
     sigma = checks.as_number(sigma)
     dim, sha, squares = _center_stats(tensors)
     if measure is Measure.UNIFORM:
         sigma = math.nan
-    elif sigma is None:  # the estimator's default: the RMS of the centre
-        sigma = math.sqrt(squares / dim)
+    elif sigma is None:
+        sigma = default_sigma(math.sqrt(squares), dim)
     return {
         "n_samples": int(n_samples),
         "dim": dim,
