@@ -60,6 +60,7 @@ few groups for real networks; per-coordinate groups suit small problems.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -201,6 +202,7 @@ def estimate_adaptive(
     progress: bool = True,
     callback: Callable[[DirectionRecord], None] | None = None,
     resume_from: VolumeResult | None = None,
+    run_round: Callable[..., VolumeResult] | None = None,
     **estimate_kwargs,
 ) -> VolumeResult:
     r"""Estimate the basin with a proposal refined over ``rounds`` rounds of directions.
@@ -241,6 +243,12 @@ def estimate_adaptive(
         The directions an interrupted run with the same settings finished (e.g.
         :func:`basin_volume.load_result` of its run log). Each round's proposal is refitted
         from them exactly as before, so the result equals an uninterrupted run's.
+    run_round : callable, optional
+        Runs one round's directions under its fixed proposal; called with keyword arguments
+        ``n_samples``, ``seed``, ``preconditioner``, ``progress``, ``callback``,
+        ``resume_from`` and ``estimate_kwargs``. Default: :func:`basin_volume.estimate` on
+        ``fn`` and ``center`` (:class:`~basin_volume.VolumeEstimator` passes its own, e.g.
+        to evaluate rays in place in the model).
     **estimate_kwargs
         ``cutoff``, ``measure``, ``sigma``, ``rtol``, ``max_evals``, ``max_radius`` and the
         starting ``preconditioner`` (None, scales, a diagonal or a dense preconditioner), as
@@ -297,6 +305,8 @@ def estimate_adaptive(
             "raise n_per_round, use coarser groups, or update='curvature'"
         )
     b = frame.base.pow(-2)
+    if run_round is None:
+        run_round = functools.partial(estimate, fn, center)
 
     done = _resumed_records(resume_from, seed, rounds, n_per_round)
     a = torch.zeros(n_groups, dtype=torch.float64)
@@ -326,9 +336,7 @@ def estimate_adaptive(
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LowESSWarning)
-            res = estimate(
-                fn,
-                center,
+            res = run_round(
                 n_samples=n_per_round,
                 seed=round_seed,
                 preconditioner=pre,

@@ -25,6 +25,7 @@ from scipy.stats import t as student_t
 from . import result_file
 from .checks import as_number
 from .records import DirectionRecord, ResultFileError
+from .settings import first_difference
 
 __all__ = ["DirectionRecord", "LowESSWarning", "ResultFileError", "VolumeResult"]
 
@@ -410,18 +411,17 @@ class VolumeResult:
                     f"{', '.join(sorted(v[:16] + '...' for v in known))}; they measure "
                     f"different basins (another model, checkpoint or data)"
                 )
+        names = ("dim", "measure", "cutoff", "rtol", "method", "sigma")
         for other in results[1:]:
-            for name in ("dim", "measure", "cutoff", "rtol", "method"):
-                if getattr(other, name) != getattr(first, name):
-                    raise ValueError(
-                        f"cannot merge results with different {name}: "
-                        f"{getattr(first, name)!r} and {getattr(other, name)!r}"
-                    )
-            if not (math.isnan(first.sigma) and math.isnan(other.sigma)) and not math.isclose(
-                first.sigma, other.sigma, rel_tol=1e-12
-            ):
+            name = first_difference(first.__dict__, other.__dict__, names)
+            if name == "sigma":
                 raise ValueError(
                     f"cannot merge results with different sigma: {first.sigma} and {other.sigma}"
+                )
+            if name is not None:
+                raise ValueError(
+                    f"cannot merge results with different {name}: "
+                    f"{getattr(first, name)!r} and {getattr(other, name)!r}"
                 )
         seeds = [s for r in results for s in r.meta.get("merged_seeds", [r.seed])]
         if len(set(seeds)) != len(seeds):

@@ -152,6 +152,10 @@ class VolumeEstimator:
     ) -> VolumeResult:
         """Estimate the basin; the model comes back with its modes and parameters intact.
 
+        One loop for every configuration: the proposal (:meth:`_fixed` or
+        :meth:`_adaptive`) calls the ray runner (:meth:`_ray_runner`: dense, or in place in
+        the model) once per batch of directions that share a proposal.
+
         Parameters
         ----------
         callback : callable, optional
@@ -161,12 +165,75 @@ class VolumeEstimator:
         """
         cfg = self.config
         adaptive = cfg.preconditioner_type is PreconditionerType.ADAPTIVE
-        if adaptive and self.low_memory:
+        proposal = self._adaptive if adaptive else self._fixed
+        with preserved(self.model):
+            result = proposal(self._ray_runner(), callback=callback, resume_from=resume_from)
+        result.meta["config"] = cfg.describe()
+        result.meta["parameters"] = self._describe_parameters()
+        return result
+
+    def _ray_runner(self) -> Callable[..., VolumeResult]:
+        """Runs a batch of directions under one fixed proposal, given ``preconditioner``,
+        ``n_samples``, ``seed``, ``progress``, ``callback``, ``resume_from`` and the
+        settings: through :func:`basin_volume.estimate` (dense rays, ``model_batch_size``
+        directions per vmapped call), or, in the memory-light mode, through
+        :class:`~basin_volume.rays.InPlaceRays` (``model_batch_size`` directions per group,
+        evaluated one after the other: the model holds one point)."""
+        cfg = self.config
+        if not self.low_memory:
+
+            def dense(**kwargs) -> VolumeResult:
+                return estimate(
+                    self.fn, self.center, model_batch_size=cfg.model_batch_size, **kwargs
+                )
+
+            return dense
+        params = [p for _, p in self.selected_parameters()]
+        dim = sum(p.numel() for p in params)
+
+        def light(*, preconditioner, seed, **kwargs) -> VolumeResult:
+            pre = as_preconditioner(preconditioner, dim)
+            rays = InPlaceRays(self.fn, params, seed=seed, preconditioner=pre)
+            return run_rays(
+                rays,
+                seed=seed,
+                max_evals=40,
+                max_radius=None,
+                batch_size=cfg.model_batch_size,
+                meta={"device": str(params[0].device), "memory": "light"},
+                **kwargs,
+            )
+
+        return light
+
+    def _settings(self) -> dict:
+        """The estimation settings every proposal passes to the ray runner."""
+        cfg = self.config
+        return dict(cutoff=cfg.cutoff, measure=cfg.measure, sigma=cfg.sigma, rtol=cfg.rtol)
+
+    def _fixed(self, run_batch, *, callback, resume_from) -> VolumeResult:
+        """One proposal for every direction: ``config.preconditioner`` or the built one."""
+        cfg = self.config
+        return run_batch(
+            preconditioner=self.preconditioner,
+            n_samples=cfg.n_samples,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            callback=callback,
+            resume_from=resume_from,
+            **self._settings(),
+        )
+
+    def _adaptive(self, run_batch, *, callback, resume_from) -> VolumeResult:
+        """``adaptive_rounds`` rounds, each proposal refitted from the rounds before
+        (:func:`~basin_volume.adaptive.estimate_adaptive`)."""
+        cfg = self.config
+        if self.low_memory:  # the runner would serve; tests/test_preconditioners.py pins this
             raise ValueError(
                 "preconditioner_type='adaptive' cannot run in low_memory mode (its proposals "
                 "may be dense); use low_memory=False, or preconditioner_type='fisher' or 'adam'"
             )
-        if adaptive and resume_from is not None:
+        if resume_from is not None:
             old = resume_from.meta.get("config") or {}
             for name in ("n_samples", "adaptive_rounds"):
                 if old.get(name, getattr(cfg, name)) != getattr(cfg, name):
@@ -174,53 +241,17 @@ class VolumeEstimator:
                         f"an adaptive run resumes with the rounds it started with: {name} was "
                         f"{old[name]!r}, now {getattr(cfg, name)!r}; keep it, or start a new run"
                     )
-        pre = self.preconditioner
-        settings = dict(
-            cutoff=cfg.cutoff,
-            measure=cfg.measure,
-            sigma=cfg.sigma,
-            rtol=cfg.rtol,
+        return estimate_adaptive(
+            self.fn,
+            self.center,
+            rounds=cfg.adaptive_rounds,
+            n_per_round=cfg.n_samples // cfg.adaptive_rounds,
+            resume_from=resume_from,
+            preconditioner=self.preconditioner,
             seed=cfg.seed,
             progress=cfg.progress,
             callback=callback,
+            run_round=run_batch,
+            **self._settings(),
         )
-        with preserved(self.model):
-            if adaptive:
-                result = estimate_adaptive(
-                    self.fn,
-                    self.center,
-                    rounds=cfg.adaptive_rounds,
-                    n_per_round=cfg.n_samples // cfg.adaptive_rounds,
-                    resume_from=resume_from,
-                    preconditioner=pre,
-                    model_batch_size=cfg.model_batch_size,
-                    **settings,
-                )
-            elif self.low_memory:
-                params = [p for _, p in self.selected_parameters()]
-                dim = sum(p.numel() for p in params)
-                rays = InPlaceRays(
-                    self.fn, params, seed=cfg.seed, preconditioner=as_preconditioner(pre, dim)
-                )
-                result = run_rays(
-                    rays,
-                    n_samples=cfg.n_samples,
-                    resume_from=resume_from,
-                    max_evals=40,
-                    max_radius=None,
-                    meta={"device": str(params[0].device), "memory": "light"},
-                    **settings,
-                )
-            else:
-                result = estimate(
-                    self.fn,
-                    self.center,
-                    n_samples=cfg.n_samples,
-                    resume_from=resume_from,
-                    preconditioner=pre,
-                    model_batch_size=cfg.model_batch_size,
-                    **settings,
-                )
-        result.meta["config"] = cfg.describe()
-        result.meta["parameters"] = self._describe_parameters()
-        return result
+

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..jsonfloat import decode, is_nonfinite, jsonable
 from ..result import VolumeResult
+from ..settings import first_difference
 from .fingerprint import PROBE_RTOL, _environment
 from .jobs import _Job
 from .lock import RunLock
@@ -30,12 +31,6 @@ class ResumeError(ValueError):
     def __init__(self, message: str, *, field: str):
         super().__init__(message)
         self.field = field
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12)
-    return a == b
 
 
 def _check_resumable(
@@ -59,13 +54,13 @@ def _check_resumable(
             "resume with the same model (and dtype) or write to a new output",
             field="model",
         )
-    for name in ("measure", "cutoff", "sigma", "rtol", "seed"):
-        if not _same(prev.get(name), settings[name]):
-            raise ResumeError(
-                f"{where}: it was started with {name}={prev.get(name)!r} but this run has "
-                f"{name}={settings[name]!r}; use the same {name} or write to a new output",
-                field=name,
-            )
+    name = first_difference(prev, settings, ("measure", "cutoff", "sigma", "rtol", "seed"))
+    if name is not None:
+        raise ResumeError(
+            f"{where}: it was started with {name}={prev.get(name)!r} but this run has "
+            f"{name}={settings[name]!r}; use the same {name} or write to a new output",
+            field=name,
+        )
     if prev.get("preconditioner") != settings["preconditioner"]:
         raise ResumeError(
             f"{where}: the preconditioner differs from the one that run started with; use the "
@@ -89,20 +84,15 @@ def _check_resumable(
             "objective must be made deterministic) or write to a new output",
             field="data",
         )
-    for then, now, free in (
-        (old.get("config") or {}, job.config, _FREE_CONFIG),
-        (old.get("spec") or {}, spec, _FREE_SPEC),
-    ):
-        for name in sorted(set(then) | set(now)):
-            if name in free:
-                continue
-            if not _same(jsonable(then.get(name)), jsonable(now.get(name))):
-                raise ResumeError(
-                    f"{where}: it was started with {name}={then.get(name)!r} but this "
-                    f"run has {name}={now.get(name)!r}; use the same {name} or write to a new "
-                    "output",
-                    field=name,
-                )
+    for then, now in ((old.get("config") or {}, job.config), (old.get("spec") or {}, spec)):
+        names = sorted((set(then) | set(now)) - RESUME_FREE)
+        name = first_difference(jsonable(then), jsonable(now), names)
+        if name is not None:
+            raise ResumeError(
+                f"{where}: it was started with {name}={then.get(name)!r} but this run has "
+                f"{name}={now.get(name)!r}; use the same {name} or write to a new output",
+                field=name,
+            )
     if n_done > settings["n_samples"]:
         raise ResumeError(
             f"{where}: it already has {n_done} directions, more than "
@@ -111,23 +101,17 @@ def _check_resumable(
         )
 
 
-_FREE_CONFIG = frozenset(
+RESUME_FREE = frozenset(
     {"n_samples", "progress", "data_batch_size", "cache_mode", "cache_budget_bytes"}
     | {"model_batch_size", "low_memory", "model", "tokenizer", "dataset", "inputs"}
     | {"preconditioner", "sigma", "optimizer", "optimizer_state", "fn", "compile"}
-    | {"parameters"}
+    | {"parameters", "device", "quiet", "output", "resume", "overwrite", "data", "output_dir"}
 )
-"""Configuration fields that may change on resume: they do not change any direction's result
-beyond float rounding (the model, data, preconditioner and sigma are compared through the
-settings and the data fingerprint instead of their descriptions; the parameter selection
-through the centre's size and hash, so logs written before it was recorded still resume)."""
-
-_FREE_SPEC = frozenset(
-    {"n_samples", "device", "quiet", "progress", "output", "resume", "overwrite", "model", "data"}
-    | {"data_batch_size", "cache_mode", "output_dir", "optimizer_state"}
-)
-"""Command-line entries that may change on resume (the model and data themselves are checked
-through the centre's hash and the data fingerprint)."""
+"""Configuration fields and command-line entries that may change on resume: they do not
+change any direction's result beyond float rounding (the model, data, preconditioner and sigma
+are compared through the settings and the data fingerprint instead of their descriptions; the
+parameter selection through the centre's size and hash, so logs written before it was
+recorded still resume; where and how the output is written is no part of the result)."""
 
 
 def check_writable(output: str | os.PathLike) -> Path:
