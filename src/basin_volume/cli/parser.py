@@ -265,6 +265,15 @@ the summary table and DIR/scan.png plots log probability (nats) against step or 
 """
 
 
+def _model_command(sub, name: str, help: str, description: str, epilog: str, *, scan=False):
+    """A sub-command that runs estimates of a model: its parser, with the model options."""
+    parser = sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=_FORMATTER
+    )
+    _add_model_options(parser, scan=scan)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``basin-volume`` argument parser with all sub-commands."""
     parser = _Parser(
@@ -294,16 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_demo)
 
-    est = sub.add_parser(
+    est = _model_command(
+        sub,
         "estimate",
-        help="estimate one model's basin, saving each direction as it finishes",
-        description="Estimate the log probability (in nats) that a random initialisation "
-        "lands in the trained model's basin: the parameters whose outputs stay within "
-        "--cutoff nats of KL divergence of the trained model's.",
-        epilog=_EPILOG_ESTIMATE,
-        formatter_class=_FORMATTER,
+        "estimate one model's basin, saving each direction as it finishes",
+        "Estimate the log probability (in nats) that a random initialisation lands in the "
+        "trained model's basin: the parameters whose outputs stay within --cutoff nats of KL "
+        "divergence of the trained model's.",
+        _EPILOG_ESTIMATE,
     )
-    _add_model_options(est)
     _add_data_options(est)
     _add_estimation_options(est)
     _add_run_options(est)
@@ -347,16 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", action="store_true", help="print the table as JSON")
     cmp_.set_defaults(handler=_compare)
 
-    scan = sub.add_parser(
+    scan = _model_command(
+        sub,
         "scan",
-        help="the same estimate over checkpoints or cutoffs, with a summary plot",
-        description="Run the same estimate over a list of checkpoints (training steps) or "
-        "cutoffs: one results file each, a summary table and a plot of log probability "
-        "(nats) against step or cutoff.",
-        epilog=_EPILOG_SCAN,
-        formatter_class=_FORMATTER,
+        "the same estimate over checkpoints or cutoffs, with a summary plot",
+        "Run the same estimate over a list of checkpoints (training steps) or cutoffs: one "
+        "results file each, a summary table and a plot of log probability (nats) against step "
+        "or cutoff.",
+        _EPILOG_SCAN,
+        scan=True,
     )
-    _add_model_options(scan, scan=True)
     what = scan.add_argument_group("what to scan (give one)")
     what.add_argument(
         "--cutoffs", nargs="+", type=_positive_float, help="cutoffs in nats, one run each"
