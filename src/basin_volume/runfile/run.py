@@ -70,9 +70,19 @@ def run_to_file(
 
     Examples
     --------
-    >>> cfg = VolumeConfig(model_type="mlp", n_samples=20)          # doctest: +SKIP
-    >>> res = run_to_file(cfg, "digits.json")                        # doctest: +SKIP
-    >>> res = run_to_file(cfg.replace(n_samples=50), "digits.json", resume=True)  # +SKIP
+    A run of 4 directions, then resumed to 6: the first 4 are read back, not recomputed.
+
+    >>> import os, tempfile, torch
+    >>> out = os.path.join(tempfile.mkdtemp(), "quadratic.json")
+    >>> source = {"fn": lambda th: 0.5 * th.square().sum(), "progress": False,
+    ...           "center": torch.ones(4, dtype=torch.float64), "n_samples": 4}
+    >>> first = run_to_file(source, out)
+    >>> more = run_to_file({**source, "n_samples": 6}, out, resume=True)
+    >>> more.n_samples, torch.equal(more.estimates[:4], first.estimates)
+    (6, True)
+
+    A model-level run works the same way, e.g.
+    ``run_to_file(VolumeConfig(model_type="mlp", n_samples=20), "digits.json")``.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: pick one")
