@@ -17,6 +17,7 @@ from ._types import (
     _rtol,
     _seed,
 )
+from .assemble import _ESTIMATION_DEFAULTS as _DEFAULTS
 from .commands import _compare, _demo, _estimate, _plot, _scan
 
 
@@ -144,14 +145,15 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         "-n",
         "--n-samples",
         type=_positive_int,
-        help="random directions; more give a steadier estimate and a higher ESS (default 100)",
+        help="random directions; more give a steadier estimate and a higher ESS "
+        f"(default {_DEFAULTS['n_samples']})",
     )
     if not scan:
         g.add_argument(
             "--cutoff",
             type=_positive_float,
             help="epsilon: the basin is where the KL divergence (or objective increase) from "
-            "the trained network stays at most this many nats (default 0.01)",
+            f"the trained network stays at most this many nats (default {_DEFAULTS['cutoff']:g})",
         )
     g.add_argument(
         "--measure",
@@ -169,7 +171,7 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         "--rtol",
         type=_rtol,
         help="each radius is found to |KL(r) - cutoff| <= rtol * cutoff; at most 0.5 "
-        "(default 0.01)",
+        f"(default {_DEFAULTS['rtol']:g})",
     )
     g.add_argument(
         "--seed",
@@ -290,15 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
         "trained weights, lands in its KL basin.",
     )
     demo.add_argument(
-        "--n-samples", type=_positive_int, default=100, help="random directions (default 100)"
+        "--n-samples",
+        type=_positive_int,
+        default=_DEFAULTS["n_samples"],
+        help=f"random directions (default {_DEFAULTS['n_samples']})",
     )
     demo.add_argument(
         "--cutoff",
         type=_positive_float,
-        default=1e-2,
-        help="KL cutoff in nats that defines the basin (default 0.01)",
+        default=_DEFAULTS["cutoff"],
+        help=f"KL cutoff in nats that defines the basin (default {_DEFAULTS['cutoff']:g})",
     )
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of training and directions")
+    demo.add_argument(
+        "--seed", type=_seed, default=_DEFAULTS["seed"], help="seed of training and directions"
+    )
     demo.add_argument("--output", help="write the result as JSON to this path")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_demo)
@@ -390,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--cutoff",
         type=_positive_float,
-        help="cutoff in nats when scanning checkpoints (default 0.01)",
+        help=f"cutoff in nats when scanning checkpoints (default {_DEFAULTS['cutoff']:g})",
     )
     _add_run_options(scan)
     scan.add_argument(
