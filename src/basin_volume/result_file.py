@@ -79,15 +79,8 @@ def save(result: VolumeResult, path: str | os.PathLike) -> None:
 
 
 def from_dict(cls: type[VolumeResult], data: dict) -> VolumeResult:
-    """Inverse of :meth:`to_dict`, validating every field.
-
-    Raises
-    ------
-    ResultFileError
-        Naming the field that is missing, of the wrong type or out of range (an unknown
-        status, arrays of different lengths, ``dim < 1``, a NaN estimate, a stored
-        ``log_volume`` or ``ess`` that the estimates do not give...).
-    """
+    """A ``cls`` from :func:`to_dict`'s dictionary, every field validated (see
+    :meth:`VolumeResult.from_dict <basin_volume.VolumeResult.from_dict>`)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ResultFileError(f"{NOT_A_RESULT} (missing format={FORMAT!r})")
     if data.get("version") != FORMAT_VERSION:
@@ -147,14 +140,7 @@ def from_dict(cls: type[VolumeResult], data: dict) -> VolumeResult:
 
 
 def load(cls: type[VolumeResult], path: str | os.PathLike) -> VolumeResult:
-    """Read a result written by :meth:`save`.
-
-    Raises
-    ------
-    ResultFileError
-        When the file is not a valid results file (not JSON text, a run log, a field
-        missing or out of range), naming the file and the field.
-    """
+    """A ``cls`` read from a file :func:`save` wrote; errors name the file and the field."""
     where = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:

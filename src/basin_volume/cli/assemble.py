@@ -273,19 +273,21 @@ def _run_mapped(run: Callable, *, output_option: str = "--output"):
 
 
 def _check_output(output: str, args, *, option: str = "--output") -> Path:
-    from ..runfile import check_writable, records_path
+    """``output`` checked by :func:`basin_volume.runfile.check_output`, errors as
+    :class:`UsageError` naming ``option``."""
+    from ..runfile import OutputExistsError, check_output
 
-    path = Path(output).expanduser()
     try:
-        check_writable(path)
+        path, _ = check_output(
+            Path(output).expanduser(), resume=args.resume, overwrite=args.overwrite
+        )
+    except OutputExistsError as err:
+        raise UsageError(
+            option,
+            f"{err.path} exists; add --resume to continue that run or --overwrite to replace it",
+        ) from None
     except OSError as err:
         raise UsageError(option, f"{_first_line(err)}; choose a path you can write") from None
-    if not args.resume and not args.overwrite:
-        for existing in (path, records_path(path)):
-            if existing.exists():
-                raise UsageError(
-                    option,
-                    f"{existing} exists; add --resume to continue that run or --overwrite to "
-                    "replace it",
-                )
+    except ValueError as err:
+        raise UsageError(option, _first_line(err)) from None
     return path

@@ -48,16 +48,18 @@ check), ``run`` (running to a file) and ``sweep`` (``scan``).
 from .jobs import Source
 from .lock import RunInUseError, RunLock
 from .logfile import RunLog, load_result, read_run, records_path
-from .resume import ResumeError, check_writable
+from .resume import OutputExistsError, ResumeError, check_output, check_writable
 from .run import estimate_to_file, run_to_file
 from .sweep import scan
 
 __all__ = [
+    "OutputExistsError",
     "ResumeError",
     "RunInUseError",
     "RunLock",
     "RunLog",
     "Source",
+    "check_output",
     "check_writable",
     "estimate_to_file",
     "load_result",

@@ -165,8 +165,36 @@ class _OpenRun:
     lock: RunLock | None = None
 
 
-def _check_output(output, *, resume: bool, overwrite: bool) -> tuple[Path, Path]:
-    """The results file and its run log, checked writable and not clobbered by accident."""
+class OutputExistsError(FileExistsError):
+    """The results file or its run log exists and neither resume nor overwrite was asked for.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file that exists.
+    """
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+def check_output(
+    output: str | os.PathLike, *, resume: bool, overwrite: bool
+) -> tuple[Path, Path]:
+    """The results file and its run log, checked writable and not clobbered by accident.
+
+    The one output check of :func:`run_to_file`, :func:`scan` and the command line.
+
+    Raises
+    ------
+    OSError
+        When the path cannot be written (:func:`check_writable`).
+    OutputExistsError
+        When a file exists and neither ``resume`` nor ``overwrite`` is set.
+    ValueError
+        When ``output`` names a run log rather than a results file.
+    """
     output = check_writable(output)
     log_path = records_path(output)
     if output == log_path:
@@ -174,9 +202,10 @@ def _check_output(output, *, resume: bool, overwrite: bool) -> tuple[Path, Path]
     if not resume and not overwrite:
         for existing in (output, log_path):
             if existing.exists():
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{existing} exists; pass resume=True to continue that run or "
-                    "overwrite=True to replace it"
+                    "overwrite=True to replace it",
+                    existing,
                 )
     return output, log_path
 

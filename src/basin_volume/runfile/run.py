@@ -15,7 +15,7 @@ from ..jsonfloat import jsonable
 from ..result import DirectionRecord, VolumeResult
 from .jobs import Source, _job, _timings
 from .lock import RunLock
-from .resume import _check_output, _open_run, _OpenRun
+from .resume import _open_run, _OpenRun, check_output
 
 
 def run_to_file(
@@ -90,7 +90,7 @@ def run_to_file(
     spec = dict(spec or {})
     # Under torchrun rank 0 alone reads and writes files; the other ranks learn its outcome
     # (or its error) through from_rank0, each step a collective call on every rank.
-    paths = from_rank0(lambda: _check_output(output, resume=resume, overwrite=overwrite))
+    paths = from_rank0(lambda: check_output(output, resume=resume, overwrite=overwrite))
     job = _job(source)
     run: _OpenRun | None = None
 
