@@ -28,6 +28,7 @@ from .preconditioners import (
 )
 from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
+from .settings import first_difference
 
 LOW_MEMORY_THRESHOLD = 20_000_000
 
@@ -234,13 +235,16 @@ class VolumeEstimator:
                 "may be dense); use low_memory=False, or preconditioner_type='fisher' or 'adam'"
             )
         if resume_from is not None:
+            names = ("n_samples", "adaptive_rounds")
+            now = {name: getattr(cfg, name) for name in names}
             old = resume_from.meta.get("config") or {}
-            for name in ("n_samples", "adaptive_rounds"):
-                if old.get(name, getattr(cfg, name)) != getattr(cfg, name):
-                    raise ValueError(
-                        f"an adaptive run resumes with the rounds it started with: {name} was "
-                        f"{old[name]!r}, now {getattr(cfg, name)!r}; keep it, or start a new run"
-                    )
+            then = {name: old.get(name, now[name]) for name in names}
+            name = first_difference(then, now, names)
+            if name is not None:
+                raise ValueError(
+                    f"an adaptive run resumes with the rounds it started with: {name} was "
+                    f"{then[name]!r}, now {now[name]!r}; keep it, or start a new run"
+                )
         return estimate_adaptive(
             self.fn,
             self.center,

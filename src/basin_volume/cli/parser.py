@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from ..config import VolumeConfig
 from ._types import (
     CACHE_MODES,
     DTYPES,
@@ -35,6 +37,9 @@ class _Formatter(argparse.HelpFormatter):
 _FORMATTER = _Formatter
 
 
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(VolumeConfig)}
+"""The defaults the help texts quote: :class:`~basin_volume.VolumeConfig`'s."""
+
 def _add_model_options(p: argparse.ArgumentParser, *, scan: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -57,7 +62,8 @@ def _add_model_options(p: argparse.ArgumentParser, *, scan: bool = False) -> Non
         "basin = mean per-token KL of next-token distributions over the --data texts; "
         "classifier: a module mapping inputs to logits, basin = mean KL of its predictions; "
         "mlp: the bundled digits MLP; pythia: --model is a Pythia size (14m, 70m, ...) loaded "
-        "from EleutherAI/pythia-SIZE at --revision",
+        "from EleutherAI/pythia-SIZE at --revision; convnext: an image classifier, --model "
+        "module:function returning (model, pixel_values)",
     )
     g.add_argument(
         "--revision",
@@ -107,12 +113,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--val-size",
         type=_positive_int,
         help="texts (sequences) the KL is averaged over; only these are tokenised "
-        "(default: VolumeConfig's, 10)",
+        f"(default: VolumeConfig's, {_CONFIG_DEFAULTS['val_size']})",
     )
     g.add_argument(
         "--max-seq-len",
         type=_positive_int,
-        help="tokens per sequence; longer texts are cut (default: VolumeConfig's, 2048)",
+        help="tokens per sequence; longer texts are cut (default: VolumeConfig's, "
+        f"{_CONFIG_DEFAULTS['max_seq_len']})",
     )
     g.add_argument(
         "--chunking",
