@@ -43,7 +43,7 @@ import torch
 
 from . import checks
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
-from .ray_loop import RadiusSearchWarning, _version, run_rays
+from .ray_loop import RadiusSearchWarning, _version, run_directions, run_rays
 from .rays import DenseRays
 from .result import DirectionRecord, VolumeResult, warn_every_time
 from .settings import Measure, Method, Settings
@@ -69,33 +69,23 @@ def _resolve_method(method, pre, *, resume_from, callback) -> Method:
     return Method.SMC
 
 
-def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
-                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
+def _estimate_smc(rays: DenseRays, pre, s: Settings, *, progress: bool, budget, replicas: int,
+                  n_moves: int, batch_size: int) -> VolumeResult:
+    """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 
-    replicas = _check_positive("replicas", replicas, integer=True)
-    n_moves = _check_positive("n_moves", n_moves, integer=True)
-    if budget is not None:
-        budget = _check_positive("budget", budget, integer=True)
-    rays = DenseRays(fn, center, seed=seed, preconditioner=None, batch_fn=batch_fn)
-    s = Settings.resolve(
-        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
-        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
-    )
     if s.n_samples < 16:
         raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {s.n_samples}")
-    if model_batch_size > 1 and batch_fn is None:
-        rays.batch_fn = _vmapped_or_none(fn, center)
     result = estimate_smc(
         rays, n_particles=s.n_samples, replicas=replicas, n_moves=n_moves, cutoff=s.cutoff,
         sigma=s.sigma, measure=s.measure.value, preconditioner=pre, rtol=s.rtol, seed=s.seed,
         progress=progress, max_evals=s.max_evals, max_radius=s.max_radius, budget=budget,
-        batch_size=model_batch_size,
+        batch_size=batch_size,
         first_guess=s.first_guess(rays.dim, rays.center_norm),
         meta={
             "center_sha256": rays.center_sha256(),
-            "device": str(center.device),
-            "dtype": str(center.dtype).removeprefix("torch."),
+            "device": str(rays.center.device),
+            "dtype": str(rays.center.dtype).removeprefix("torch."),
             "preconditioner": None if pre is None else type(pre).__name__,
             "max_radius": s.max_radius,
             "torch_version": torch.__version__,
@@ -276,27 +266,28 @@ def estimate(
     pre = as_preconditioner(preconditioner, center.numel())
     model_batch_size = _check_positive("model_batch_size", model_batch_size, integer=True)
     method = _resolve_method(method, pre, resume_from=resume_from, callback=callback)
-    if method is Method.SMC:
-        return _estimate_smc(
-            fn, center, pre, n_samples=n_samples, cutoff=cutoff, measure=measure, sigma=sigma,
-            rtol=rtol, seed=seed, progress=progress, max_evals=max_evals,
-            max_radius=max_radius, budget=budget, replicas=replicas, n_moves=n_moves,
-            batch_fn=batch_fn, model_batch_size=model_batch_size,
-        )
+    smc = method is Method.SMC
+    if smc:
+        replicas = _check_positive("replicas", replicas, integer=True)
+        n_moves = _check_positive("n_moves", n_moves, integer=True)
+        if budget is not None:
+            budget = _check_positive("budget", budget, integer=True)
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)
-    rays = DenseRays(fn, center, seed=seed, preconditioner=pre, batch_fn=batch_fn)
-    return run_rays(
+    rays = DenseRays(fn, center, seed=seed, preconditioner=None if smc else pre, batch_fn=batch_fn)
+    settings = Settings.resolve(
+        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
+        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
+    )  # fmt: skip
+    if smc:
+        return _estimate_smc(
+            rays, pre, settings, progress=progress, budget=budget, replicas=replicas,
+            n_moves=n_moves, batch_size=model_batch_size,
+        )  # fmt: skip
+    return run_directions(
         rays,
-        n_samples=n_samples,
-        cutoff=cutoff,
-        measure=measure,
-        sigma=sigma,
-        rtol=rtol,
-        seed=seed,
+        settings,
         progress=progress,
-        max_evals=max_evals,
-        max_radius=max_radius,
         callback=callback,
         resume_from=resume_from,
         batch_size=model_batch_size,

@@ -56,11 +56,34 @@ def run_rays(
     :func:`estimate` documents the arguments. The evaluator is restored to the centre after
     every group of directions and on any exception.
     """
-    dim, norm_c = rays.dim, rays.center_norm
     settings = Settings.resolve(
         measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
-        seed=seed, sigma=sigma, max_radius=max_radius, dim=dim, norm_c=norm_c,
+        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
+    )  # fmt: skip
+    return run_directions(
+        rays,
+        settings,
+        progress=progress,
+        callback=callback,
+        resume_from=resume_from,
+        meta=meta,
+        batch_size=batch_size,
     )
+
+
+def run_directions(
+    rays: DenseRays | InPlaceRays,
+    settings: Settings,
+    *,
+    progress: bool,
+    callback: Callable[[DirectionRecord], None] | None,
+    resume_from: VolumeResult | None,
+    meta: dict,
+    batch_size: int = 1,
+) -> VolumeResult:
+    """The loop proper, with settings resolved (by :meth:`Settings.resolve` on ``rays``'s
+    dimension and centre norm); :func:`run_rays` resolves them first."""
+    dim, norm_c = rays.dim, rays.center_norm
     measure, n_samples, sigma = settings.measure, settings.n_samples, settings.sigma
     batch_size = checks.check_positive("batch_size", batch_size, integer=True)
     center_sha256 = rays.center_sha256()
