@@ -25,10 +25,11 @@ from .adaptive import (
     parse_preconditioner_type,
     resolve_preconditioner,
 )
+from .basins import Basin, causal_objective, check_basin_settings, classifier_objective
+from .basins import fisher_inputs as _fisher_inputs
 from .devices import default_device
 from .distributed import from_rank0, init_from_env
 from .estimator import Measure, estimate, run_rays
-from .objectives import ClassifierKL
 from .parameters import (
     FlatParameters,
     compile_options,
@@ -96,9 +97,13 @@ class VolumeConfig:
         and where to cache the centre's outputs.
     model_type : str
         One of :class:`ModelType`.
-    inputs : torch.Tensor, optional
-        Classifier inputs for the KL basin (``model_type="classifier"``; for ``"mlp"`` the
-        training digits by default).
+    inputs : tensor, DataLoader or iterable of batches, optional
+        The evaluation data. Classifiers (``model_type="classifier"``; for ``"mlp"`` the
+        training digits by default): a tensor, or a :class:`torch.utils.data.DataLoader` /
+        iterable of tensors, ``(x, y)`` tuples or dicts of model keyword arguments, streamed
+        one batch at a time (:mod:`basin_volume.inputs`). Causal LMs: token batches (dicts
+        with ``input_ids`` and ``attention_mask``, or ``input_ids``) instead of
+        ``tokenizer`` and ``dataset``.
     n_samples, cutoff, measure, sigma, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
     preconditioner : tensor or Preconditioner, optional
@@ -157,6 +162,16 @@ class VolumeConfig:
         count in ``D``), ``"all"``, a list of names from ``model.named_parameters()``, or a
         predicate ``(name, parameter) -> bool``. The result records the choice in
         ``meta["parameters"]``.
+    basin : {"kl", "loss"}
+        The KL basin (default), or the loss basin :math:`L(\theta) - L(\theta_0) \le
+        \varepsilon` (:class:`~basin_volume.basins.Basin`): cross-entropy against ``labels``
+        for classifiers, next-token cross-entropy for causal LMs, or ``loss_fn``.
+    labels : torch.Tensor, optional
+        ``basin="loss"`` with tensor ``inputs``: one label per input (with batches, labels come
+        from ``(x, y)`` tuples or a ``labels`` entry).
+    loss_fn : callable, optional
+        ``basin="loss"``: ``loss_fn(outputs, labels) -> mean loss of a batch`` instead of the
+        cross-entropy (see :mod:`basin_volume.basins`).
     """
 
     model: Any = None
@@ -170,7 +185,7 @@ class VolumeConfig:
     cache_mode: str | None = "auto"
     chunking: bool = False
     model_type: ModelType | str = ModelType.CAUSAL
-    inputs: torch.Tensor | None = None
+    inputs: Any = None
     measure: Measure | str = Measure.GAUSSIAN
     sigma: float | None = None
     preconditioner: Any = None
@@ -191,6 +206,9 @@ class VolumeConfig:
     low_memory: bool | None = None
     compile: bool | dict = False
     parameters: Any = "trainable"
+    basin: Basin | str = Basin.KL
+    labels: Any = None
+    loss_fn: Any = None
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -252,6 +270,9 @@ class VolumeConfig:
             checks.check_positive("sigma", self.sigma)
         for name in ("data_batch_size", "model_batch_size"):
             checks.check_positive(name, getattr(self, name), integer=True)
+        object.__setattr__(
+            self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
+        )
         try:
             Measure(self.measure)
         except ValueError:
@@ -492,17 +513,13 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
     if config.inputs is None:
         raise ValueError(
             f"inputs is required for model_type={config.model_type.value!r}: pass inputs=<tensor>"
+            " or a DataLoader"
         )
     with preserved(config.model):
-        fn = ClassifierKL(
-            config.model,
-            config.inputs,
-            batch_size=config.data_batch_size,
-            compile=config.compile,
-            parameters=config.parameters,
-        )
-    n_classes = fn.ref_logp[0].shape[-1]
-    if isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
+        fn = classifier_objective(config)
+    ref = getattr(fn, "ref_logp", None)  # the KL basin's cached centre
+    n_classes = ref[0].shape[-1] if ref else 0
+    if ref and isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
         warnings.warn(
             f"cutoff={config.cutoff:g} nats is at least log({n_classes}) = "
             f"{math.log(n_classes):.3g}, the KL from the centre to a constant uniform "
@@ -511,7 +528,7 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
             UserWarning,
             stacklevel=3,
         )
-    return VolumeEstimator(config, config.model, fn, fisher_inputs=config.inputs)
+    return VolumeEstimator(config, config.model, fn, fisher_inputs=_fisher_inputs(config, fn))
 
 
 def _convnext(config: VolumeConfig) -> VolumeEstimator:
@@ -553,40 +570,26 @@ def _mlp(config: VolumeConfig) -> VolumeEstimator:
 
 
 def _causal(config: VolumeConfig) -> VolumeEstimator:
-    from .causal import causal_lm_objective
-
     if config.model is None:
         raise ValueError(
             "model is required for model_type='causal': pass a Hugging Face causal LM, e.g. "
             "AutoModelForCausalLM.from_pretrained(name), or use model_type='pythia'"
         )
-    if config.tokenizer is None:
+    if config.tokenizer is None and config.inputs is None:
         raise ValueError(
             "tokenizer is required for model_type='causal': pass the model's tokenizer, e.g. "
             "AutoTokenizer.from_pretrained(name)"
         )
-    if config.dataset is None:
+    if config.dataset is None and config.inputs is None:
         raise ValueError(
             f"dataset is required for model_type={config.model_type.value!r}: pass texts, e.g. "
-            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"
+            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column (or "
+            "inputs=<token batches with input_ids and attention_mask>)"
         )
     mbs = config.model_batch_size
     if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
         raise ValueError(f"model_batch_size must be a positive integer, got {mbs!r}")
-    fn = causal_lm_objective(
-        config.model,
-        config.tokenizer,
-        config.dataset,
-        text_key=config.text_key,
-        val_size=config.val_size,
-        max_seq_len=config.max_seq_len,
-        chunking=config.chunking,
-        data_batch_size=config.data_batch_size,
-        cache_mode=config.cache_mode,
-        cache_budget_bytes=config.cache_budget_bytes,
-        compile=config.compile,
-        parameters=config.parameters,
-    )
+    fn = causal_objective(config)
     return VolumeEstimator(config, fn.model, fn, fisher_inputs=fn)
 
 
@@ -599,7 +602,7 @@ def _pythia(config: VolumeConfig) -> VolumeEstimator:
             "checkpoint_step; leave model and tokenizer unset, or use model_type='causal' "
             "to pass your own"
         )
-    if config.dataset is None:  # checked before a download, not after
+    if config.dataset is None and config.inputs is None:  # checked before a download
         raise ValueError(
             "dataset is required for model_type='pythia': pass validation texts, e.g. "
             "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"
