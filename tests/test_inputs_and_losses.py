@@ -123,8 +123,9 @@ def test_dict_batches_pass_the_attention_mask():
     ]
     got = run(model_type="classifier", model=model, inputs=dicts)
     packed = torch.stack([ids, mask], 1)
-    same_result(got, run(model_type="classifier", model=Packed(model), inputs=packed,
-                         data_batch_size=8))
+    same_result(
+        got, run(model_type="classifier", model=Packed(model), inputs=packed, data_batch_size=8)
+    )
     # padding holds other token ids: the mask hides them, so nothing changes
     noisy = ids.masked_fill(mask == 0, 19)
     dicts2 = [
@@ -133,7 +134,9 @@ def test_dict_batches_pass_the_attention_mask():
     ]
     assert torch.allclose(
         run(model_type="classifier", model=model, inputs=dicts2).estimates,
-        got.estimates, rtol=1e-6, atol=0,
+        got.estimates,
+        rtol=1e-6,
+        atol=0,
     )
 
 
@@ -173,8 +176,15 @@ def test_fisher_preconditioner_from_tuple_batches_equals_the_tensors(digits):
 @pytest.mark.usefixtures("quiet")
 def test_classifier_loss_basin_meets_the_cutoff(digits):
     model, x, y = digits
-    res = run(model_type="classifier", model=model, inputs=x, labels=y, basin="loss",
-              n_samples=8, rtol=1e-2)
+    res = run(
+        model_type="classifier",
+        model=model,
+        inputs=x,
+        labels=y,
+        basin="loss",
+        n_samples=8,
+        rtol=1e-2,
+    )
     assert set(res.status) == {"converged"}
     assert torch.all((res.deltas - 1e-2).abs() <= 1e-2 * 1e-2)
     with torch.no_grad():  # L(theta0), computed independently
@@ -182,8 +192,17 @@ def test_classifier_loss_basin_meets_the_cutoff(digits):
     assert res.meta["f0"] == pytest.approx(float(expect), rel=1e-12)
     assert res.meta["config"]["basin"] == "loss"
     loader = DataLoader(TensorDataset(x, y), batch_size=4096)
-    same_result(run(model_type="classifier", model=model, inputs=loader, basin="loss",
-                    n_samples=8, rtol=1e-2), res)
+    same_result(
+        run(
+            model_type="classifier",
+            model=model,
+            inputs=loader,
+            basin="loss",
+            n_samples=8,
+            rtol=1e-2,
+        ),
+        res,
+    )
 
 
 def test_loss_basin_settings_name_the_field(digits):
@@ -224,9 +243,17 @@ def test_quadratic_loss_gives_the_exact_ellipsoid():
     model = linear(dim, w0)
     y = x @ w0[:, None]  # fitted exactly at w0: L(w0) = 0 and L(w) = 0.5 (w-w0)^T H (w-w0)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    res = run(model_type="classifier", model=model, inputs=loader, basin="loss",
-              loss_fn=nn.MSELoss(), measure="uniform", cutoff=eps, rtol=1e-10,
-              preconditioner=h.rsqrt())
+    res = run(
+        model_type="classifier",
+        model=model,
+        inputs=loader,
+        basin="loss",
+        loss_fn=nn.MSELoss(),
+        measure="uniform",
+        cutoff=eps,
+        rtol=1e-10,
+        preconditioner=h.rsqrt(),
+    )
     log_vd = (dim / 2) * math.log(math.pi) - math.lgamma(dim / 2 + 1)
     exact = log_vd + (dim / 2) * math.log(2 * eps) - 0.5 * float(h.log().sum())
     assert torch.allclose(res.estimates, torch.full_like(res.estimates, exact), atol=1e-6)
@@ -238,8 +265,17 @@ def test_isotropic_loss_basin_matches_the_incomplete_gamma():
     dim, eps, hh, sigma = 10, 0.02, 3.0, 0.2
     x, y = regression(dim, torch.full((dim,), hh, dtype=torch.float64))
     model = linear(dim, torch.zeros(dim, dtype=torch.float64))
-    res = run(model_type="classifier", model=model, inputs=x, labels=y, basin="loss",
-              loss_fn=nn.MSELoss(), sigma=sigma, cutoff=eps, rtol=1e-10)
+    res = run(
+        model_type="classifier",
+        model=model,
+        inputs=x,
+        labels=y,
+        basin="loss",
+        loss_fn=nn.MSELoss(),
+        sigma=sigma,
+        cutoff=eps,
+        rtol=1e-10,
+    )
     exact = math.log(special.gammainc(dim / 2, eps / (hh * sigma**2)))
     assert res.log_volume == pytest.approx(exact, abs=1e-6)
 
@@ -291,5 +327,7 @@ def test_causal_loss_counts_only_predicted_tokens(tiny):
         logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
     picked = [logp[0, 0, 6], logp[0, 1, 7], logp[0, 2, 8], logp[1, 0, 10]]
     assert float(fn()) == pytest.approx(-float(sum(picked)) / 4, rel=1e-6)
-    assert torch.equal(token_tensors([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}])
-                       ["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert torch.equal(
+        token_tensors([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}])["attention_mask"],
+        torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+    )

@@ -410,9 +410,7 @@ class CausalLMLoss:
         for b in range(0, len(ids), batch_size):
             sl = slice(b, b + batch_size)
             width = int(mask[sl].sum(1).max())
-            self._batches.append(
-                tuple(t[sl, :width].to(device) for t in (ids, mask, targets))
-            )
+            self._batches.append(tuple(t[sl, :width].to(device) for t in (ids, mask, targets)))
         self._kwargs = {}
         if "use_cache" in inspect.signature(self.model.forward).parameters:
             self._kwargs["use_cache"] = False
@@ -457,7 +455,11 @@ class CausalLMLoss:
         if self._kl is None:
             ids, mask, batch_size, parameters = self._tokens
             self._kl = CausalLMKL(
-                self.model, ids, mask, batch_size=batch_size, cache_mode=None,
+                self.model,
+                ids,
+                mask,
+                batch_size=batch_size,
+                cache_mode=None,
                 parameters=parameters,
             )
         return self._kl.fisher_diagonal(n_samples=n_samples, seed=seed)
