@@ -110,6 +110,19 @@ def _eps(text: str) -> float | str:
 
 
 # ---------------------------------------------------------------------------- loading: data
+def _parameters(text: str) -> str | list[str]:
+    """``--parameters``: ``trainable``, ``all``, or comma-separated names / glob patterns."""
+    text = text.strip()
+    if text in ("trainable", "all"):
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            "give trainable, all, or comma-separated parameter names or glob patterns"
+        )
+    return names
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
@@ -608,7 +621,7 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
                     optimizer=optimizer,
                     cutoff=cutoff,
                     sigma=args.sigma,
-                    parameters=loaded.config.get("parameters", "trainable"),
+                    parameters=args.parameters or loaded.config.get("parameters", "trainable"),
                     **tuning,
                 )
         except (TypeError, ValueError, KeyError, OSError) as err:
@@ -654,6 +667,7 @@ def _spec(args, model_type: str) -> dict:
         "device",
         "digits_steps",
         "digits_seed",
+        "parameters",
     )
     spec = {k: getattr(args, k, None) for k in keys}
     spec["model_type"] = model_type
@@ -701,6 +715,12 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     given["progress"] = not args.quiet
     pre = _preconditioner_fields(args, loaded)
     if loaded.estimate is not None:
+        if args.parameters is not None:
+            raise UsageError(
+                "--parameters",
+                f"--model {args.model} returns fn and center, not a model whose parameters "
+                "could be chosen; leave --parameters out",
+            )
         arguments = {**_ESTIMATION_DEFAULTS, **loaded.estimate, **given, **pre}
         arguments.pop("model_type", None)
         return arguments
@@ -722,6 +742,8 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     if args.cache_mode is not None:
         fields["cache_mode"] = None if args.cache_mode == "none" else args.cache_mode
     fields.update(pre)
+    if args.parameters is not None:
+        fields["parameters"] = args.parameters
     fields["model_type"] = loaded.model_type
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -739,6 +761,8 @@ def _option_for(message: str) -> str:
     """The command-line option a :class:`~basin_volume.VolumeConfig` error is about."""
     if "adaptive" in message:
         return "--preconditioner"
+    if message.startswith("parameters"):
+        return "--parameters"
     field = message.split(" ", 1)[0]
     options = ("n_samples", "cutoff", "sigma", "rtol", "seed", "measure", "data_batch_size")
     return "--" + field.replace("_", "-") if field in options else "--model-type"
@@ -805,6 +829,10 @@ def _run_mapped(run: Callable, *, output_option: str = "--output"):
         if "model_type" not in str(err):
             raise
         raise UsageError("--model-type", _first_line(err)) from None
+    except ValueError as err:  # a --parameters selection the model does not match
+        if not str(err).startswith("parameters "):
+            raise
+        raise UsageError("--parameters", _first_line(err)) from None
     except FileExistsError as err:
         raise UsageError(
             output_option, f"{_first_line(err)}; add --resume or --overwrite"
@@ -1288,6 +1316,13 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         type=_seed,
         help="seed of the random directions, 0 to 2^63-1; direction k depends only on it and "
         "k (default 0)",
+    )
+    g.add_argument(
+        "--parameters",
+        type=_parameters,
+        help="which parameters are the basin's coordinates: trainable (default: those with "
+        "requires_grad), all, or comma-separated names and glob patterns, e.g. "
+        "'gpt_neox.layers.*.mlp.*' (the prior, the preconditioner and D follow)",
     )
     pg = p.add_argument_group("preconditioner (importance sampling of directions)")
     pg.add_argument(
