@@ -331,3 +331,17 @@ def test_causal_loss_counts_only_predicted_tokens(tiny):
         token_tensors([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}])["attention_mask"],
         torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
     )
+
+
+@pytest.mark.usefixtures("quiet")
+def test_loader_passes_leave_the_random_state_and_batch_under_vmap(digits):
+    model, x, y = digits
+    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    base = dict(model_type="classifier", model=model, inputs=loader, basin="loss", n_samples=20)
+    state = torch.random.get_rng_state()
+    one = run(**base)
+    assert torch.equal(torch.random.get_rng_state(), state)  # no DataLoader seed drawn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback from vmap
+        batched = run(**base, model_batch_size=4)
+    assert torch.allclose(batched.estimates, one.estimates, rtol=1e-9, atol=0)

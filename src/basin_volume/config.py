@@ -367,12 +367,15 @@ class VolumeEstimator:
         """``meta["parameters"]``: which parameters were measured and which were left out."""
         chosen = self.selected_parameters()
         names = {n for n, _ in chosen}
-        return {
+        out = {
             "selection": describe_selection(self.config.parameters),
             "tensors": len(chosen),
             "dim": sum(p.numel() for _, p in chosen),
             "excluded": [n for n, _ in self.model.named_parameters() if n not in names],
         }
+        if out["selection"] == "names":  # the names and glob patterns as given
+            out["names"] = [str(n) for n in self.config.parameters]
+        return out
 
     @classmethod
     def from_config(cls, config: VolumeConfig) -> VolumeEstimator:
@@ -561,12 +564,17 @@ def _mlp(config: VolumeConfig) -> VolumeEstimator:
     from .digits import train_digits_mlp
 
     model, inputs, optimizer = config.model, config.inputs, config.optimizer
+    labels = config.labels
     if model is None or inputs is None:
         run = train_digits_mlp(seed=config.seed)
         if model is None:  # the optimizer that trained it comes along
             model, optimizer = run.model, run.optimizer if optimizer is None else optimizer
+        if inputs is None and config.basin is Basin.LOSS and labels is None:
+            labels = run.train_labels  # the loss basin of the training digits
         inputs = run.train_inputs if inputs is None else inputs
-    return _classifier(config.replace(model=model, inputs=inputs, optimizer=optimizer))
+    return _classifier(
+        config.replace(model=model, inputs=inputs, optimizer=optimizer, labels=labels)
+    )
 
 
 def _causal(config: VolumeConfig) -> VolumeEstimator:

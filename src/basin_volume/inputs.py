@@ -150,6 +150,30 @@ def _shuffles(loader: Any) -> bool:
     )
 
 
+def _in_process_map_style(loader: Any) -> bool:
+    return (
+        isinstance(loader, torch.utils.data.DataLoader)
+        and loader.num_workers == 0
+        and not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+    )
+
+
+def _map_style_batches(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """The batches of a single-process, map-style DataLoader, read as its own iterator reads
+    them (batch sampler, ``__getitems__`` or indexing, ``collate_fn``) but without creating
+    that iterator, which draws a seed from the global random generator: a pass then neither
+    changes the caller's random state nor fails inside :func:`torch.func.vmap` (batched
+    evaluation of several directions)."""
+    dataset, collate = loader.dataset, loader.collate_fn
+    if loader.batch_sampler is None:  # batch_size=None: one example per batch
+        for index in loader.sampler:
+            yield collate(dataset[index])
+        return
+    getitems = getattr(dataset, "__getitems__", None)
+    for indices in loader.batch_sampler:
+        yield collate(getitems(indices) if getitems else [dataset[i] for i in indices])
+
+
 class Batches:
     """The evaluation data of an objective as a re-iterable sequence of :class:`Batch` es.
 
@@ -233,7 +257,7 @@ class Batches:
                 "evaluation of the basin must see the same examples in the same order; pass "
                 "DataLoader(dataset, batch_size=..., shuffle=False)"
             )
-        if iter(inputs) is inputs:  # a generator or iterator: read once, keep the batches
+        if isinstance(inputs, Iterator):  # a generator or iterator: read once, keep the batches
             self._held = list(inputs)
             self.streamed = False
         else:
@@ -288,7 +312,11 @@ class Batches:
     # ------------------------------------------------------------------ iteration
 
     def _raw(self) -> Iterator[Any]:
-        return iter(self._held if self._held is not None else self._source)
+        if self._held is not None:
+            return iter(self._held)
+        if _in_process_map_style(self._source):
+            return _map_style_batches(self._source)
+        return iter(self._source)
 
     def _read_pass(self) -> Iterator[Batch]:
         index = -1
