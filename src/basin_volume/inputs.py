@@ -130,7 +130,8 @@ def _checksum(parts: Iterable[Any]) -> tuple:
     out = []
     for part in parts:
         if isinstance(part, torch.Tensor):
-            out.append((tuple(part.shape), float(part.detach().double().sum())))
+            wide = torch.float64 if part.is_floating_point() else None  # no float64 copy
+            out.append((tuple(part.shape), part.dtype, float(part.detach().sum(dtype=wide))))
         elif isinstance(part, Mapping):
             out.append(tuple(sorted((str(k), _checksum([v])) for k, v in part.items())))
         elif isinstance(part, tuple | list):
