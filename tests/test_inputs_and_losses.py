@@ -345,3 +345,26 @@ def test_loader_passes_leave_the_random_state_and_batch_under_vmap(digits):
         warnings.simplefilter("error", UserWarning)  # no fallback from vmap
         batched = run(**base, model_batch_size=4)
     assert torch.allclose(batched.estimates, one.estimates, rtol=1e-9, atol=0)
+
+
+@pytest.mark.usefixtures("quiet")
+def test_run_logs_resume_loader_runs_only_on_the_same_data(digits, tmp_path):
+    model, x, y = digits
+    out = tmp_path / "r.json"
+
+    def cfg(labels, n):
+        loader = DataLoader(TensorDataset(x, labels), batch_size=64)
+        return bv.VolumeConfig(
+            model_type="classifier",
+            model=model,
+            inputs=loader,
+            basin="loss",
+            n_samples=n,
+            progress=False,
+        )
+
+    first = bv.run_to_file(cfg(y, 3), out)
+    more = bv.run_to_file(cfg(y, 5), out, resume=True)
+    assert torch.equal(more.estimates[:3], first.estimates)
+    with pytest.raises(bv.ResumeError, match="data"):
+        bv.run_to_file(cfg((y + 1) % 10, 6), out, resume=True)

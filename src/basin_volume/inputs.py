@@ -375,3 +375,31 @@ class Batches:
                 )
             parts.append(batch.args[0])
         return torch.cat(parts)
+
+
+def batches_sha256(inputs: Any) -> str:
+    """SHA-256 of the tensors in every batch of ``inputs`` (a loader or batches), in order,
+    with their dtypes and shapes: the evaluation data's fingerprint in a run log, so a run
+    is not resumed on other data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    source = Batches(inputs)
+
+    def update(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().reshape(-1).contiguous().cpu()
+            digest.update(f"{flat.dtype}:{list(value.shape)}:".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                digest.update(f"{key}=".encode())
+                update(value[key])
+        elif isinstance(value, tuple | list):
+            for v in value:
+                update(v)
+
+    for index, item in enumerate(source._raw()):
+        digest.update(f"batch{index}:".encode())
+        update(_split_batch(item, index))
+    return digest.hexdigest()
