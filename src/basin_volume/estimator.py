@@ -173,6 +173,8 @@ def estimate(
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
+    Numbers may be Python, numpy or 0-d torch scalars.
+
     Parameters
     ----------
     fn : callable
@@ -248,8 +250,6 @@ def estimate(
         when ``fn`` has at most :data:`~basin_volume.curvature.MAX_DIM` parameters and
         :mod:`torch.func` can differentiate it twice, else follows the Gaussian-cooling path;
         ``"hessian"`` requires it; ``"none"`` never uses it.
-
-    Numbers may be Python, numpy or 0-d torch scalars.
 
     Returns
     -------
