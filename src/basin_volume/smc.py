@@ -79,7 +79,7 @@ _BISECTIONS = 50
 _ACCEPT_TARGET = 0.3
 _MAX_RAY_BATCHES = 8  # batches of prior rays drawn at most after the pilot
 _BOUNDED_RSE = 0.1  # relative standard error of bounded weights' mean that settles a run
-_ANNEAL_FROM = -12.0  # prior rays' log estimate above which the cutoff is annealed
+_ANNEAL_FROM = -25.0  # log estimate above which the cutoff is annealed (about 36 levels)
 _MAX_LEVEL = 2.0**20  # largest cutoff multiplier the annealing starts from
 
 
@@ -300,23 +300,27 @@ def smc_sampler(
             log_w, r = torch.cat(log_w), torch.cat(r)
             return SMCRun(_log_mean_exp(log_w), "is", 0, _ess(log_w), (), (), r, log_w)
         ess_start, slope, r = _ess(ell), radii.slope, radii.radius
-        if _log_mean_exp(ell) > _ANNEAL_FROM:
-            # Some prior rays reach into the basin: anneal the cutoff down to it.
-            return (yield from _annealed(
-                prior, x, radii, theta0, path, n_moves=n_moves, ess_target=ess_target, gen=gen,
-                ess_start=ess_start,
-            ))
+        pilot = (x, radii, _log_mean_exp(ell))
     if callable(start):
         start = start()
+    reach = -math.inf  # the informed proposal's estimate (low when its weights are uneven)
     if start is not None:
-        # An informed proposal: importance sampling if its weights are even enough, else
-        # tempering from it to the target.
-        x, radii, ell = yield from weigh(start)
-        ess_start = _ess(ell)
+        # An informed proposal: importance sampling if its weights are even enough.
+        xs, radii_s, ell_s = yield from weigh(start)
+        ess_start = _ess(ell_s)
         if ess_start >= ess_target * n:
-            return SMCRun(_log_mean_exp(ell), "is", 0, ess_start, (), (), radii.radius, ell)
+            return SMCRun(_log_mean_exp(ell_s), "is", 0, ess_start, (), (), radii_s.radius, ell_s)
+        reach = _log_mean_exp(ell_s)
+    if sigma is not None and max(pilot[2], reach) > _ANNEAL_FROM:
+        # The basin holds a part of the prior that annealing the cutoff reaches in a few tens
+        # of levels: the path that needs no proposal to be right.
+        return (yield from _annealed(
+            prior, pilot[0], pilot[1], theta0, path, n_moves=n_moves, ess_target=ess_target,
+            gen=gen, ess_start=ess_start,
+        ))
+    if start is not None:
         return (yield from _tempered(
-            start, x, radii, ell, theta0, path, n_moves=n_moves, ess_target=ess_target,
+            start, xs, radii_s, ell_s, theta0, path, n_moves=n_moves, ess_target=ess_target,
             gen=gen, ess_start=ess_start,
         ))
 

@@ -208,12 +208,12 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
 
 
 def _unchecked(history: list[tuple[float, float]], radius: float) -> bool:
-    """Whether a bump could hide below ``radius``: the evaluated points leave a gap wider
-    than a factor :data:`_CHECK_GAP`, or delta grows slower than :math:`t^{1.5}` between two of
-    them (:data:`_CHECK_SLOPE`; a quadratic basin grows like :math:`t^2`)."""
+    """Whether the evaluated points hint at a bump below ``radius``: two of them leave a gap
+    wider than a factor :data:`_CHECK_GAP` (a search that jumped), or delta grows slower than
+    :math:`t^{1.5}` between two of them (:data:`_CHECK_SLOPE`; a quadratic basin grows like
+    :math:`t^2`). A ray evaluated only near its crossing is not checked: the check is a
+    heuristic, not a guarantee of the first crossing."""
     pts = sorted((t, d) for t, d in history if 0 < t <= radius and math.isfinite(d) and d > 0)
-    if not pts or pts[0][0] > radius / _CHECK_GAP:
-        return True
     for (t1, d1), (t2, d2) in zip(pts, pts[1:], strict=False):
         too_flat = t2 > t1 and math.log(d2 / d1) < _CHECK_SLOPE * math.log(t2 / t1)
         if t2 > _CHECK_GAP * t1 or too_flat:
