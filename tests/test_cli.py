@@ -309,3 +309,22 @@ def test_defaults_agree_between_estimate_config_and_command_line():
     for name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed"):
         assert signature[name].default == fields[name] == _ESTIMATION_DEFAULTS[name], name
     assert fields["n_samples"] == 100
+
+
+def test_estimate_method_smc_saves_an_smc_result_and_refuses_resume(tmp_path, capsys):
+    """--method smc on fn/center (a ball: exact volume) and on a classifier config."""
+    m = tmp_path / "models.py"
+    m.write_text(MODELS_PY)
+    out = tmp_path / "ball.json"
+    command = ("estimate --model {m}:ball --measure uniform --cutoff 0.5 --method smc -n 32 -q "
+               "-o {o}")
+    assert cli(command, capsys, m=m, o=out)[0] == 0
+    res = VolumeResult.load(out)
+    assert res.method == "smc"
+    assert math.isclose(res.log_volume, math.log(8 * math.pi**2 / 15), abs_tol=1e-6)
+    code, _, err = cli(command + " --resume", capsys, m=m, o=out)
+    assert code == 2 and "--resume" in err
+    out2 = tmp_path / "clf.json"
+    command = "estimate --model {m}:classifier --method smc --budget 200000 -n 32 -q -o {o}"
+    assert cli(command, capsys, m=m, o=out2)[0] == 0
+    assert VolumeResult.load(out2).method == "smc"

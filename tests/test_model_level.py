@@ -258,3 +258,25 @@ def test_cache_mode_none_is_spelled_both_ways():
     assert _resolve_cache_mode("none") is None and _resolve_cache_mode(None) is None
     with pytest.raises(ValueError, match="cache_mode"):
         _resolve_cache_mode("disk")
+
+
+def test_volume_config_method_smc_and_its_refusals():
+    """VolumeConfig(method='smc') runs SMC on a classifier and leaves the model as it was;
+    the memory-light mode and the adaptive proposal refuse it by name."""
+    import basin_volume as bv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    inputs = torch.randn(32, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, n_samples=32,
+                          method="smc", replicas=2, progress=False)
+    res = bv.VolumeEstimator.from_config(cfg).run()
+    assert res.method == "smc" and len(res.replicas) == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="memory-light"):
+        bv.VolumeEstimator.from_config(cfg.replace(low_memory=True)).run()
+    with pytest.raises(ValueError, match="method must be"):
+        bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, method="mcmc")
+    with pytest.raises(ValueError, match="budget"):
+        bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=0)

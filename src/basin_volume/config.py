@@ -95,6 +95,10 @@ class VolumeConfig:
         ``tokenizer`` and ``dataset``.
     n_samples, cutoff, measure, sigma, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
+    method, budget, replicas, n_moves
+        As in :func:`basin_volume.estimate`: ``method="smc"`` (sequential Monte Carlo, see
+        ``docs/accuracy.md``) runs on dense rays only, so not in the memory-light mode nor
+        with ``preconditioner_type="adaptive"``; ``"auto"`` picks ``"is"`` there.
     preconditioner : tensor or Preconditioner, optional
         Ready-made proposal scales (or a dense preconditioner), as in
         :func:`basin_volume.estimate`; with ``preconditioner_type="adaptive"`` the starting
@@ -199,6 +203,10 @@ class VolumeConfig:
     basin: Basin | str = Basin.KL
     labels: Any = None
     loss_fn: Any = None
+    method: str = "is"
+    budget: int | None = None
+    replicas: int = 4
+    n_moves: int = 3
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -260,7 +268,11 @@ class VolumeConfig:
         checks.check_seed(self.seed)
         if self.sigma is not None:
             checks.check_positive("sigma", self.sigma)
-        for name in ("data_batch_size", "model_batch_size"):
+        if self.method not in ("auto", "smc", "is"):
+            raise ValueError(f"method must be 'auto', 'smc' or 'is', got {self.method!r}")
+        if self.budget is not None:
+            checks.check_positive("budget", self.budget, integer=True)
+        for name in ("data_batch_size", "model_batch_size", "replicas", "n_moves"):
             checks.check_positive(name, getattr(self, name), integer=True)
         object.__setattr__(
             self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)

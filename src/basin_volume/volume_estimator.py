@@ -169,6 +169,12 @@ class VolumeEstimator:
         """
         cfg = self.config
         adaptive = cfg.preconditioner_type is PreconditionerType.ADAPTIVE
+        if cfg.method == "smc" and (adaptive or self.low_memory):
+            raise ValueError(
+                "method='smc' runs on dense rays: it cannot run in the memory-light mode or "
+                "with preconditioner_type='adaptive'; use low_memory=False and a fixed "
+                "preconditioner, or method='is'"
+            )
         proposal = self._adaptive if adaptive else self._fixed
         with preserved(self.model):
             result = proposal(self._ray_runner(), callback=callback, resume_from=resume_from)
@@ -218,7 +224,11 @@ class VolumeEstimator:
     def _fixed(self, run_batch, *, callback, resume_from) -> VolumeResult:
         """One proposal for every direction: ``config.preconditioner`` or the built one."""
         cfg = self.config
+        smc = cfg.method != "is" and not self.low_memory
+        extra = dict(method=cfg.method, budget=cfg.budget, replicas=cfg.replicas,
+                     n_moves=cfg.n_moves) if smc else {}
         return run_batch(
+            **extra,
             preconditioner=self.preconditioner,
             n_samples=cfg.n_samples,
             seed=cfg.seed,

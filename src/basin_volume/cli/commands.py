@@ -38,6 +38,8 @@ def _estimate(args: argparse.Namespace) -> int:
     loaded = _prepare(args, dataset)
     source = _source(args, loaded, dataset)
     spec = {"command": "estimate", **_spec(args, loaded.model_type)}
+    if _runs_smc(source):
+        return _estimate_smc(args, source, output, started)
     _status(args, f"estimating; each direction is saved to {records_path(output)} as it finishes")
     result = _interruptible(
         lambda: _run_mapped(
@@ -47,6 +49,35 @@ def _estimate(args: argparse.Namespace) -> int:
         ),
         lambda: _saved_message(output),
     )
+    print(result.summary())
+    if result.measure == "gaussian":
+        print(f"information content: {result.information:.6g} nats")
+    print(f"wrote {output} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _runs_smc(source) -> bool:
+    """Whether ``--method smc`` was asked for (by option or by a returned VolumeConfig)."""
+    method = source.get("method", "is") if isinstance(source, dict) else source.method
+    return method == "smc"
+
+
+def _estimate_smc(args, source, output: Path, started: float) -> int:
+    """``--method smc``: one SMC run saved when it ends (it is not a sequence of directions
+    that a run log could hold)."""
+    from .. import estimate
+    from ..volume_estimator import VolumeEstimator
+
+    if args.resume:
+        raise UsageError("--resume", "an SMC run cannot be resumed; leave --resume out or use "
+                         "--method is")
+    _status(args, f"estimating by SMC; the result is saved to {output} when it ends")
+    if isinstance(source, dict):
+        result = _run_mapped(lambda: estimate(**{**source, "method": "smc"}))
+    else:
+        result = _run_mapped(lambda: VolumeEstimator.from_config(
+            source.replace(method="smc")).run())
+    result.save(output)
     print(result.summary())
     if result.measure == "gaussian":
         print(f"information content: {result.information:.6g} nats")

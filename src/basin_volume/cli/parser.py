@@ -188,6 +188,18 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         "k (default 0)",
     )
     g.add_argument(
+        "--method",
+        choices=("is", "smc"),
+        help="is (default): importance sampling of directions, written to a run log as they "
+        "finish and resumable; smc: sequential Monte Carlo (docs/accuracy.md), right where "
+        "importance sampling is a lower bound, saved when it ends (no run log, no --resume)",
+    )
+    g.add_argument(
+        "--budget",
+        type=_positive_int,
+        help="cap on the evaluations of the objective (--method smc; default: none)",
+    )
+    g.add_argument(
         "--parameters",
         type=_parameters,
         help="which parameters are the basin's coordinates: trainable (default: those with "
