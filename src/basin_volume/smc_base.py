@@ -1,0 +1,159 @@
+r"""The parts the SMC paths of :mod:`basin_volume.smc` share: the messages a sampler exchanges
+with its caller (:class:`RadiusRequest`, :class:`Radii`), the run it returns (:class:`SMCRun`),
+the ray masses of the Gaussian-cooling path (:class:`_Path`), weights' summaries and
+resampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .integrals import log_radial_integral, log_sphere_area
+
+__all__ = ["Radii", "RadiusRequest", "SMCRun"]
+
+_BISECTIONS = 50
+_ACCEPT_TARGET = 0.3
+
+
+@dataclass(frozen=True)
+class RadiusRequest:
+    """Directions whose basin radii the sampler needs, with first guesses."""
+
+    omegas: torch.Tensor  # [B, D] float64 unit rows
+    guesses: torch.Tensor  # [B] first radius to try
+    slopes: torch.Tensor  # [B] log-log slope to assume (nan: unknown)
+    level: float = 1.0  # the radii are wanted where delta = level * cutoff
+
+
+@dataclass(frozen=True)
+class Radii:
+    """The answer to a :class:`RadiusRequest`."""
+
+    radius: torch.Tensor  # [B] radius where delta = cutoff (inf: unbounded)
+    slope: torch.Tensor  # [B] measured log-log slope (nan: unknown)
+
+
+@dataclass(frozen=True)
+class SMCRun:
+    """One run (replica) of :func:`smc_sampler`.
+
+    Attributes
+    ----------
+    log_z : float
+        The estimate of :math:`\\log\\mu(K)`.
+    kind : str
+        ``"is"`` when the start proposal's importance weights were good enough on their own,
+        else ``"smc"``.
+    levels : int
+        Cooling levels (0 for ``"is"``).
+    ess_start : float
+        ESS of the start proposal's weights (a diagnostic of how hard the basin is).
+    path : tuple of float
+        The precisions :math:`a` of the levels (0 for the uniform measure's last one).
+    acceptance : tuple of float
+        Mean acceptance rate of the moves at each level.
+    radii : torch.Tensor
+        The final particles' radii.
+    log_integrals : torch.Tensor
+        The final particles' :math:`\\log I(\\omega)` under the target measure.
+    """
+
+    log_z: float
+    kind: str
+    levels: int
+    ess_start: float
+    path: tuple[float, ...] = ()
+    acceptance: tuple[float, ...] = ()
+    radii: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    log_integrals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:
+    out = log_radial_integral(r.numpy(), n, a, b.numpy())
+    return torch.from_numpy(np.asarray(out, dtype=np.float64)).reshape(r.shape)
+
+
+def _ess(log_w: torch.Tensor) -> float:
+    if not bool(torch.isfinite(log_w).any()):
+        return 0.0
+    w = torch.exp(log_w - log_w.max())
+    return float(w.sum() ** 2 / (w * w).sum())
+
+
+def _relative_error(log_w: torch.Tensor) -> float:
+    """Standard error of the mean of :math:`e^{\\ell}` relative to the mean."""
+    if not bool(torch.isfinite(log_w).any()):
+        return math.inf
+    w = torch.exp(log_w - log_w.max())
+    return float(w.std() / (w.mean() * math.sqrt(w.numel())))
+
+
+def _log_mean_exp(x: torch.Tensor) -> float:
+    return float(torch.logsumexp(x, 0)) - math.log(x.numel())
+
+
+@dataclass(frozen=True)
+class _Path:
+    """The cooling path's ray masses :math:`\\log I_a(\\omega, r)`; ``a = 0`` is Lebesgue."""
+
+    dim: int
+    a1: float  # 1/sigma^2, or 0 for the uniform measure
+    norm2: float  # |theta0|^2
+
+    def log_mass(self, a: float, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        if a == 0.0:
+            with np.errstate(divide="ignore"):
+                return d * torch.log(r) - math.log(d)
+        const = 0.5 * d * math.log(a / (2 * math.pi)) - 0.5 * self.norm2 * self.a1**2 / a
+        return const + _log_j(r, d - 1, a, -self.a1 * c)
+
+    def log_density(self, a: float, c: torch.Tensor) -> torch.Tensor:
+        """Log density, relative to uniform, of the direction of :math:`G_a` about theta0."""
+        return log_sphere_area(self.dim) + self.log_mass(a, torch.full_like(c, math.inf), c)
+
+    @property
+    def end(self) -> float:
+        return self.a1
+
+
+def _systematic(log_w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    w = torch.exp(log_w - log_w.max())
+    cdf = torch.cumsum(w / w.sum(), 0)
+    n = log_w.numel()
+    u = (torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(n)) / n
+    return torch.searchsorted(cdf, u).clamp_max(n - 1)
+
+
+def _truncated_radius(r, c, a: float, path: _Path, gen: torch.Generator) -> torch.Tensor:
+    """Approximate draws of t in [0, r] with density ∝ t^{D-1} exp(-a t^2/2 - a1 c t).
+
+    Used only to fit the moves' reference law, so a 256-point grid suffices.
+    """
+    n, grid = path.dim - 1, 256
+    b = -path.a1 * c
+    if a > 0:
+        mode = (b + torch.sqrt(b * b + 4 * a * n)) / (2 * a)
+        sd = 1.0 / torch.sqrt(n / mode**2 + a)
+        hi = torch.minimum(r, mode + 10 * sd)
+        lo = torch.where(r < mode - 10 * sd, r * max(0.0, 1 - 40 / path.dim), mode - 10 * sd)
+    else:
+        hi, lo = r, r * max(0.0, 1 - 40 / path.dim)
+    lo = lo.clamp_min(0.0)
+    hi = torch.where(torch.isfinite(hi), hi, lo + 1.0)
+    t = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, grid, dtype=torch.float64)
+    log_p = n * t.clamp_min(1e-300).log() - 0.5 * a * t * t + b[:, None] * t
+    pick = torch.multinomial(torch.softmax(log_p, 1), 1, generator=gen)[:, 0]
+    jitter = (torch.rand(r.shape, generator=gen, dtype=torch.float64) - 0.5) * (hi - lo) / grid
+    return (t[torch.arange(len(r)), pick] + jitter).clamp(min=lo, max=hi)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
