@@ -10,11 +10,15 @@ ellipsoid acts on directions like the Gaussian factor :math:`e^{-(D+2)\,x^\top M
 the Gaussian prior :math:`N(0, \sigma^2 I)` (in :math:`x`: mean :math:`-\theta_0`) the product
 of the two is the normal law
 
-.. math:: N(\mu, P^{-1}),\qquad P = (D+2)\,M + I/\sigma^2,\qquad \mu = -P^{-1}\theta_0/\sigma^2,
+.. math:: N(\mu, P^{-1}),\qquad P = \kappa M + I/\sigma^2,\qquad \mu = -P^{-1}\theta_0/\sigma^2,
 
-whose projected normal law (:class:`~basin_volume.projected_normal.ProjectedNormal`) is the
-proposal: like the ellipsoid's where the basin is narrower than the prior, like the prior
-rays' where the basin is flat. Negative curvature (not a minimum) is clipped to flat.
+with :math:`\kappa = D + 2`, whose projected normal law
+(:class:`~basin_volume.projected_normal.ProjectedNormal`) is the proposal: like the ellipsoid's
+where the basin is narrower than the prior, like the prior rays' where the basin is flat.
+When the prior's own bulk lies outside the ellipsoid (a narrow prior, or a centre far from
+it), the basin's prior mass crowds against the wall at its most probable point, and
+:math:`\kappa` grows to the Lagrange multiplier that puts :math:`\mu` on the wall
+(:func:`_stiffness`). Negative curvature (not a minimum) is clipped to flat.
 
 The Hessian comes from :mod:`torch.func` (reverse over reverse, in chunks of rows): dense up to
 :data:`DENSE_MAX_DIM` parameters, its diagonal up to :data:`MAX_DIM`, nothing beyond (each row
@@ -98,15 +102,16 @@ def curvature_proposal(
         lam, vec = torch.linalg.eigh(h)
     else:
         lam, vec = h, None
-    lam = lam.clamp_min(0.0) * (d + 2) / (2.0 * cutoff)
+    m = lam.clamp_min(0.0) / (2.0 * cutoff)  # the eigenvalues of M
+    theta0 = center.detach().to("cpu", torch.float64)
     if sigma is None:
-        top = float(lam.max())
+        top = float(m.max())
         if top <= 0:
             raise ValueError("fn has no positive curvature at the centre")
-        p = lam.clamp_min(1e-12 * top)
+        p = (m * (d + 2)).clamp_min(1e-12 * top * (d + 2))
     else:
-        p = lam + 1.0 / sigma**2
-    theta0 = center.detach().to("cpu", torch.float64)
+        b = (theta0 if vec is None else vec.T @ theta0) / sigma**2
+        p = m * _stiffness(m, b, sigma, d) + 1.0 / sigma**2
     if vec is None:
         cov = 1.0 / p
         mean = None if sigma is None else -cov * theta0 / sigma**2
@@ -119,6 +124,30 @@ def curvature_proposal(
     if mean is not None and not math.isfinite(float(mean.norm())):
         raise ValueError("the curvature proposal's mean is not finite")
     return ProjectedNormal(cov, mean)
+
+
+def _stiffness(m: torch.Tensor, b: torch.Tensor, sigma: float, d: int) -> float:
+    r"""The factor :math:`\kappa \ge D + 2` on :math:`M` in the proposal's precision.
+
+    Where the prior's mass lies outside the ellipsoid, the basin's prior mass crowds against
+    its wall, at the most probable point :math:`x^* = -(I/\sigma^2 + \kappa M)^{-1}\theta_0/
+    \sigma^2` of the wall (a Lagrange multiplier :math:`\kappa` with :math:`x^{*\top} M x^* =
+    1`, in the eigenbasis of M where ``m`` and ``b`` live); the proposal is centred there.
+    Otherwise :math:`\kappa = D + 2`, the ellipsoid's own shell (module docstring).
+    """
+    def wall(kappa: float) -> float:
+        return float((m * (b / (1.0 / sigma**2 + kappa * m)) ** 2).sum())
+
+    kappa = float(d + 2)
+    if wall(kappa) <= 1.0:
+        return kappa
+    lo, hi = kappa, kappa
+    while wall(hi) > 1.0:
+        lo, hi = hi, hi * 4.0
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if wall(mid) > 1.0 else (lo, mid)
+    return hi
 
 
 class CurvatureProposal:
