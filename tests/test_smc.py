@@ -338,7 +338,7 @@ def test_annealing_the_cutoff_matches_the_noncentral_chi_square():
 
 
 def test_curvature_proposal_on_the_wall_of_a_gaussian_ellipsoid():
-    """D = 50 ellipsoid under a prior whose bulk lies outside it (sigma = RMS/10): the basin's
+    """D = 200 ellipsoid under a prior whose bulk lies outside it (sigma = RMS/10): the basin's
     mass crowds against the wall; the estimate meets the generalised chi-square truth
     (Bromwich inversion of benchmarks/problems.py, checked there against mpmath)."""
     import sys
@@ -347,9 +347,9 @@ def test_curvature_proposal_on_the_wall_of_a_gaussian_ellipsoid():
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import problems
 
-    dim, eps = 50, 1e-2
+    dim, eps = 200, 1e-2
     g = torch.Generator().manual_seed(21)
-    h = 10 ** (2 * torch.rand(dim, generator=g, dtype=torch.float64))
+    h = 10 ** (4 * torch.rand(dim, generator=g, dtype=torch.float64))
     c = torch.randn(dim, generator=g, dtype=torch.float64)
     sigma = float(c.norm()) / math.sqrt(dim) / 10
     truth = problems.gchisq_logcdf((h * sigma**2).numpy(), (c / sigma).square().numpy(),
