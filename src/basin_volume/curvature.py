@@ -40,7 +40,7 @@ __all__ = [
     "hessian",
 ]
 
-DENSE_MAX_DIM = 5000
+DENSE_MAX_DIM = 2000  # a dense eigendecomposition costs O(D^3) and dense moves O(N D^2)
 MAX_DIM = 20000
 EVALS_PER_HVP = 4  # a gradient costs about two evaluations, a Hessian-vector product two more
 
