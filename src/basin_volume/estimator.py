@@ -229,9 +229,10 @@ def estimate(
         ``model_batch_size > 1``: ``torch.func.vmap(fn)``, falling back to one call per
         point (with a warning) if ``fn`` cannot be vmapped.
     method : {"auto", "smc", "is"}
-        ``"smc"``: sequential Monte Carlo along a Gaussian-cooling path
-        (:mod:`basin_volume.smc`), right where importance sampling is a lower bound, with an
-        interval from independent replicas. ``"is"``: importance sampling from one proposal
+        ``"smc"``: sequential Monte Carlo over directions (:mod:`basin_volume.smc`: prior
+        rays, the curvature proposal, annealing the cutoff, tempering or Gaussian cooling,
+        whichever the basin calls for), right where importance sampling is a lower bound,
+        with an interval from independent replicas (``docs/accuracy.md``). ``"is"``: importance sampling from one proposal
         (fast; trustworthy only when the ESS is high; the default for now, while run logs,
         resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
         ``resume_from`` or ``callback`` or a non-diagonal preconditioner, where it is ``"is"``.
