@@ -43,6 +43,7 @@ import torch
 
 from . import checks
 from .curvature import CurvatureProposal
+from .distributed import init_from_env, world
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
 from .ray_loop import RadiusSearchWarning, _version, run_directions, run_rays
 from .rays import DenseRays
@@ -77,6 +78,12 @@ def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budg
 
     if s.n_samples < 16:
         raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {s.n_samples}")
+    init_from_env()
+    if world()[1] > 1:
+        raise ValueError(
+            "method='smc' does not shard its particles across torchrun ranks yet; run it in "
+            "one process, or use method='is' under torchrun"
+        )
     start = None
     if pre is None and curvature != "none":
         start = CurvatureProposal(
@@ -232,9 +239,9 @@ def estimate(
         ``"smc"``: sequential Monte Carlo over directions (:mod:`basin_volume.smc`: prior
         rays, the curvature proposal, annealing the cutoff, tempering or Gaussian cooling,
         whichever the basin calls for), right where importance sampling is a lower bound,
-        with an interval from independent replicas (``docs/accuracy.md``). ``"is"``: importance sampling from one proposal
-        (fast; trustworthy only when the ESS is high; the default for now, while run logs,
-        resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
+        with an interval from independent replicas (``docs/accuracy.md``). ``"is"``:
+        importance sampling from one proposal (fast; trustworthy only when the ESS is high;
+        the default for now, while run logs, resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
         ``resume_from`` or ``callback`` or a non-diagonal preconditioner, where it is ``"is"``.
     budget : int, optional
         Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
