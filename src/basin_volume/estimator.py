@@ -241,8 +241,9 @@ def estimate(
         whichever the basin calls for), right where importance sampling is a lower bound,
         with an interval from independent replicas (``docs/accuracy.md``). ``"is"``:
         importance sampling from one proposal (fast; trustworthy only when the ESS is high;
-        the default for now, while run logs, resume and torchrun support only it). ``"auto"``: ``"smc"``, except with
-        ``resume_from`` or ``callback`` or a non-diagonal preconditioner, where it is ``"is"``.
+        the default for now, while run logs, resume and torchrun support only it).
+        ``"auto"``: ``"smc"``, except with ``resume_from`` or ``callback`` or a non-diagonal
+        preconditioner, where it is ``"is"``.
     budget : int, optional
         Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
         each batch of radius searches (so a run may pass it by one batch);
