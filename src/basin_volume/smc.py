@@ -78,13 +78,13 @@ from .integrals import log_sphere_area
 from .projected_normal import ProjectedNormal
 from .smc_base import (
     _ACCEPT_TARGET,
-    _BISECTIONS,
     Radii,
     RadiusRequest,
     SMCRun,
     _ess,
     _log_mean_exp,
     _Path,
+    _step,
     _systematic,
     _truncated_radius,
     _unit,
@@ -275,19 +275,12 @@ def smc_sampler(
 
 
 def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:
-    """The next precision: the path's end if the ESS allows, else by bisection in log a."""
-
-    def ess_to(a_next: float) -> float:
-        return _ess(path.log_mass(a_next, r, c) - log_i)
-
-    if ess_to(path.end) >= target:
+    """The next precision: as far towards the path's end as keeps the ESS at ``target``
+    (bisection in log a; the uniform measure's end a = 0 is tried first, then e^-60 a)."""
+    if _ess(path.log_mass(path.end, r, c) - log_i) >= target:
         return path.end
     far = math.log(path.end) if path.end > 0 else math.log(a) - 60.0
-    lo, hi = far, math.log(a)  # lo: too far (ESS too small); hi: fine
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if ess_to(math.exp(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return math.exp(hi) if hi < math.log(a) else math.exp(lo)
+    return math.exp(_step(
+        lambda log_a: _ess(path.log_mass(math.exp(log_a), r, c) - log_i) >= target,
+        math.log(a), far,
+    ))

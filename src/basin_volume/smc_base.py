@@ -7,6 +7,7 @@ resampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,3 +158,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 
+def _step(ok: Callable[[float], bool], here: float, end: float) -> float:
+    """How far from ``here`` towards ``end`` a step may go: ``end`` if ``ok(end)``, else the
+    farthest point found ``ok`` by bisection (``here`` is), or a hair past ``here`` when no
+    point is, so that the path always moves."""
+    if ok(end):
+        return end
+    fine, far = here, end
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (fine + far)
+        fine, far = (mid, far) if ok(mid) else (fine, mid)
+    return fine if fine != here else far

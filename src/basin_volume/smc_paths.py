@@ -9,21 +9,10 @@ import math
 
 import torch
 
+from . import smc_base as base
 from .integrals import log_sphere_area
 from .projected_normal import ProjectedNormal
-from .smc_base import (
-    _ACCEPT_TARGET,
-    _BISECTIONS,
-    Radii,
-    RadiusRequest,
-    SMCRun,
-    _ess,
-    _log_mean_exp,
-    _Path,
-    _systematic,
-    _truncated_radius,
-    _unit,
-)
+from .smc_base import Radii, RadiusRequest, SMCRun, _Path
 
 _MAX_LEVEL = 2.0**20  # largest cutoff multiplier the annealing starts from
 
@@ -41,7 +30,7 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     """
     n, d = x.shape
     r, slope = radii.radius, radii.slope
-    omega = _unit(x)
+    omega = base._unit(x)
     log_p = ell + q.log_density(omega)
     log_z, beta = 0.0, 0.0
     rho = {"proposal": 0.5, "fitted": 0.5}
@@ -55,8 +44,8 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     while beta < 1.0:
         beta_next = _next_beta(ell, beta, ess_target * n)
         inc = (beta_next - beta) * ell
-        log_z += _log_mean_exp(inc)
-        keep = _systematic(inc, gen)
+        log_z += base._log_mean_exp(inc)
+        keep = base._systematic(inc, gen)
         omega, r, slope, log_p = omega[keep], r[keep], slope[keep], log_p[keep]
         beta = beta_next
         levels.append(beta)
@@ -91,7 +80,7 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     as the first reference; its lifted points are the prior draws themselves.
     """
     n, d = x.shape
-    omega = _unit(x)
+    omega = base._unit(x)
     c = omega @ theta0
 
     def log_target(r, cc):
@@ -103,12 +92,12 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         guess = _predicted(radii.radius, radii.slope, 4.0)
         found = yield RadiusRequest(omega, guess, radii.slope, level=level)
         log_p = log_target(found.radius, c)
-        if _ess(log_p - prior.log_density(omega)) >= ess_target * n or level >= _MAX_LEVEL:
+        if base._ess(log_p - prior.log_density(omega)) >= ess_target * n or level >= _MAX_LEVEL:
             break
         radii = found
     ell = log_p - prior.log_density(omega)
-    log_z = _log_mean_exp(ell)
-    keep = _systematic(ell, gen)
+    log_z = base._log_mean_exp(ell)
+    keep = base._systematic(ell, gen)
     omega, x, c, r, slope = omega[keep], x[keep], c[keep], found.radius[keep], found.slope[keep]
     log_p = log_p[keep]
     levels, acceptance, rho = [level], [], {"proposal": 0.5, "fitted": 0.5}
@@ -129,8 +118,8 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         found = yield RadiusRequest(omega, _predicted(r, slope, level / nxt), slope, level=nxt)
         log_p_next = log_target(found.radius, c)
         inc = log_p_next - log_p
-        log_z += _log_mean_exp(inc)
-        keep = _systematic(inc, gen)
+        log_z += base._log_mean_exp(inc)
+        keep = base._systematic(inc, gen)
         omega, r, slope = omega[keep], found.radius[keep], found.slope[keep]
         log_p = log_p_next[keep]
         level = nxt
@@ -146,21 +135,14 @@ def _predicted(r: torch.Tensor, slope: torch.Tensor, factor: float) -> torch.Ten
 
 
 def _next_cutoff(level: float, r, slope, c, log_p, log_target, target: float) -> float:
-    """The next cutoff multiplier: 1 if the predicted ESS allows, else by bisection."""
+    """The next cutoff multiplier: as far towards 1 as keeps the predicted ESS at ``target``
+    (bisection in the log of the multiplier)."""
 
-    def ess_to(nxt: float) -> float:
-        return _ess(log_target(_predicted(r, slope, nxt / level), c) - log_p)
+    def ok(log_next: float) -> bool:
+        predicted = _predicted(r, slope, math.exp(log_next) / level)
+        return base._ess(log_target(predicted, c) - log_p) >= target
 
-    if ess_to(1.0) >= target:
-        return 1.0
-    lo, hi = 0.0, math.log(level)  # log multipliers: lo too far, hi fine
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if ess_to(math.exp(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return math.exp(hi) if hi < math.log(level) else math.exp(lo)
+    return math.exp(base._step(ok, math.log(level), 0.0))
 
 
 def _move(move: int, q: ProjectedNormal, omega, r, slope, log_p, log_target, *, weight, rho,
@@ -181,21 +163,21 @@ def _move(move: int, q: ProjectedNormal, omega, r, slope, log_p, log_target, *, 
     else:
         # Points of the basin along the particles' rays (uniform in it when the particles
         # follow pi), whose covariance is the basin's shape.
-        t = _truncated_radius(r.clamp_max(1e300), omega @ theta0, path.end, path, gen)
+        t = base._truncated_radius(r.clamp_max(1e300), omega @ theta0, path.end, path, gen)
         ref = ProjectedNormal.fit(omega * t[:, None], dense=False, with_mean=q.mean is not None)
     w_p, w_q = weight
     log_q = q.log_density(omega)
     x = omega * ref.radial(omega, gen)[:, None]
     phi = w_p * log_p + w_q * log_q - ref.log_density(omega)
     x_new = ref.crank_nicolson(x, rho[kind], torch.randn(n, d, generator=gen, dtype=torch.float64))
-    omega_new = _unit(x_new)
+    omega_new = base._unit(x_new)
     found = yield RadiusRequest(omega_new, r.clone(), slope.clone(), level=level)
     log_p_new = log_target(found.radius, omega_new)
     phi_new = w_p * log_p_new + w_q * q.log_density(omega_new) - ref.log_density(omega_new)
     u = torch.rand(n, generator=gen, dtype=torch.float64).log()
     acc = u < torch.nan_to_num(phi_new - phi, nan=-math.inf)
     rate = float(acc.double().mean())
-    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - _ACCEPT_TARGET)))
+    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - base._ACCEPT_TARGET)))
     return (
         torch.where(acc[:, None], omega_new, omega),
         torch.where(acc, found.radius, r),
@@ -206,16 +188,8 @@ def _move(move: int, q: ProjectedNormal, omega, r, slope, log_p, log_target, *, 
 
 
 def _next_beta(ell: torch.Tensor, beta: float, target: float) -> float:
-    """The next inverse temperature: 1 if the ESS allows, else by bisection."""
-    if _ess((1.0 - beta) * ell) >= target:
-        return 1.0
-    lo, hi = beta, 1.0  # lo: fine; hi: too far
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if _ess((mid - beta) * ell) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo if lo > beta else hi
+    """The next inverse temperature: as far towards 1 as keeps the ESS at ``target``."""
+    return base._step(lambda b: base._ess((b - beta) * ell) >= target, beta, 1.0)
+
 
 
