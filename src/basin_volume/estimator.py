@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +48,7 @@ from . import checks
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
-from .radius import RayResult, RayStatus, radius_search
+from .radius import RayResult, RayStatus, exact_cutoff, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
 
@@ -174,6 +175,28 @@ def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, s
             stacklevel=3,
         )
     return result
+
+
+@dataclass(frozen=True)
+class _CutoffRecord(DirectionRecord):
+    """A :class:`DirectionRecord` whose estimate is at the exact cutoff, with the bound (nats)
+    on how far the interpolation of :func:`basin_volume.radius.exact_cutoff` could be from
+    the crossing (``nan`` where no radius was interpolated)."""
+
+    bound: float = dataclass_field(default=math.nan, compare=False)
+
+
+def cutoff_bounds(records: list[DirectionRecord]) -> dict:
+    """``meta["cutoff_bound"]``: the per-direction bounds (nats) of the exact-cutoff estimates
+    and their mean over the directions that have one (``None`` where a direction has none,
+    e.g. one resumed from a file, or one that did not converge)."""
+    bounds = [getattr(r, "bound", math.nan) for r in records]
+    known = [b for b in bounds if math.isfinite(b)]
+    return {
+        "mean": statistics.fmean(known) if known else None,
+        "max": max(known) if known else None,
+        "per_direction": [b if math.isfinite(b) else None for b in bounds],
+    }
 
 
 class RadiusSearchWarning(RuntimeWarning):
@@ -475,6 +498,7 @@ def run_rays(
         )
         for group, shared in _groups(len(records), n_samples, rank, size, batch_size):
             state = _search_state(records[:WARMUP], problem.first_guess)
+            problem.slope_spread = _slope_spread(records[:WARMUP])
             new = list(problem.run_group(group, *state))
             if shared and size > 1:
                 new = gather_records(new)
@@ -505,6 +529,7 @@ def run_rays(
         meta={
             "f0": f0,
             "center_sha256": center_sha256,
+            "cutoff_bound": cutoff_bounds(records),
             **meta,
             "max_radius": max_radius,
             "seconds": time.perf_counter() - started,
@@ -544,6 +569,17 @@ def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[f
     slopes = [r.slope for r in records if math.isfinite(r.slope)]
     guess = math.exp(statistics.median(log_radii)) if log_radii else first_guess
     return guess, statistics.median(slopes) if slopes else 2.0
+
+
+def _slope_spread(records: list[DirectionRecord]) -> float:
+    """Relative uncertainty of the learned slope, for directions whose search stops after one
+    evaluation: twice the largest relative deviation of a measured slope from their median
+    (at least 0.05; 0.25 while fewer than three slopes are known)."""
+    slopes = [r.slope for r in records if math.isfinite(r.slope) and r.slope > 0]
+    if len(slopes) < 3:
+        return 0.25
+    mid = statistics.median(slopes)
+    return min(0.9, max(0.05, 2 * max(abs(k - mid) for k in slopes) / mid))
 
 
 def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed, n_samples):
@@ -596,6 +632,7 @@ class _Problem:
     rtol: float
     max_radius: float
     max_evals: int
+    slope_spread: float = 0.25
 
     @property
     def first_guess(self) -> float:
@@ -635,12 +672,23 @@ class _Problem:
                     rays_done[i] = stop.value
                     del pending[i]
         self.rays.restore()
-        return [self._record(k, starts[i], rays_done[i]) for i, k in enumerate(ks)]
+        return [self._record(k, starts[i], rays_done[i], slope) for i, k in enumerate(ks)]
 
-    def _record(self, k: int, ray_start: RayStart, ray: RayResult) -> DirectionRecord:
+    def _record(self, k: int, ray_start: RayStart, ray: RayResult, slope: float) -> DirectionRecord:
+        """The direction's record; a converged ray's estimate is taken where delta equals the
+        cutoff exactly (:func:`~basin_volume.radius.exact_cutoff`), with its bound in nats;
+        ``radius`` and ``delta`` stay the evaluated ones."""
         radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-        lai = self.log_integral(radius, ray_start.dot)
-        return DirectionRecord(
+        lai, bound = self.log_integral(radius, ray_start.dot), math.nan
+        cut = None
+        if ray.status is RayStatus.CONVERGED:
+            cut = exact_cutoff(ray.points, self.cutoff, slope=slope,
+                               slope_spread=self.slope_spread)  # fmt: skip
+        if cut is not None:
+            lai = self.log_integral(cut.radius, ray_start.dot)
+            bound = max(abs(self.log_integral(end, ray_start.dot) - lai)
+                        for end in (cut.low, cut.high))  # fmt: skip
+        return _CutoffRecord(
             index=k,
             estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(ray_start.prop),
             delta=ray.delta,
@@ -650,6 +698,7 @@ class _Problem:
             n_evals=ray.n_evals,
             status=ray.status.value,
             slope=ray.slope,
+            bound=bound,
         )
 
 
