@@ -48,7 +48,7 @@ from . import checks
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
-from .radius import RayResult, RayStatus, exact_cutoff, radius_search
+from .radius import RayResult, RayStatus, exact_cutoff, log_log_curvature, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
 
@@ -184,6 +184,7 @@ class _CutoffRecord(DirectionRecord):
     the crossing (``nan`` where no radius was interpolated)."""
 
     bound: float = dataclass_field(default=math.nan, compare=False)
+    curvature: float = dataclass_field(default=math.nan, compare=False)
 
 
 def cutoff_bounds(records: list[DirectionRecord]) -> dict:
@@ -499,6 +500,7 @@ def run_rays(
         for group, shared in _groups(len(records), n_samples, rank, size, batch_size):
             state = _search_state(records[:WARMUP], problem.first_guess)
             problem.slope_spread = _slope_spread(records[:WARMUP])
+            problem.curvature = _curvature_bound(records[:WARMUP])
             new = list(problem.run_group(group, *state))
             if shared and size > 1:
                 new = gather_records(new)
@@ -582,6 +584,14 @@ def _slope_spread(records: list[DirectionRecord]) -> float:
     return min(0.9, max(0.05, 2 * max(abs(k - mid) for k in slopes) / mid))
 
 
+def _curvature_bound(records: list[DirectionRecord]) -> float:
+    """:math:`M` of :func:`~basin_volume.radius.exact_cutoff`: twice the largest
+    :math:`|d^2\\log\\delta/d(\\log t)^2|` measured on ``records`` (from directions with three
+    or more evaluations), and at least 1."""
+    seen = [abs(c) for r in records if math.isfinite(c := getattr(r, "curvature", math.nan))]
+    return max([1.0] + [2.0 * c for c in seen])
+
+
 def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed, n_samples):
     if "merged_seeds" in prev.meta:
         raise ValueError("resume_from is a merged result; resume one of its parts instead")
@@ -633,6 +643,7 @@ class _Problem:
     max_radius: float
     max_evals: int
     slope_spread: float = 0.25
+    curvature: float = 1.0
 
     @property
     def first_guess(self) -> float:
@@ -682,8 +693,10 @@ class _Problem:
         lai, bound = self.log_integral(radius, ray_start.dot), math.nan
         cut = None
         if ray.status is RayStatus.CONVERGED:
+            own = abs(log_log_curvature(ray.points, self.cutoff))  # this ray's, if measured
+            curvature = max(self.curvature, 2.0 * own) if math.isfinite(own) else self.curvature
             cut = exact_cutoff(ray.points, self.cutoff, slope=slope,
-                               slope_spread=self.slope_spread)  # fmt: skip
+                               slope_spread=self.slope_spread, curvature=curvature)  # fmt: skip
         if cut is not None:
             lai = self.log_integral(cut.radius, ray_start.dot)
             bound = max(abs(self.log_integral(end, ray_start.dot) - lai)
@@ -699,6 +712,7 @@ class _Problem:
             status=ray.status.value,
             slope=ray.slope,
             bound=bound,
+            curvature=log_log_curvature(ray.points, self.cutoff),
         )
 
 

@@ -32,7 +32,15 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["CutoffRadius", "RayResult", "RayStatus", "exact_cutoff", "find_radius", "radius_search"]
+__all__ = [
+    "CutoffRadius",
+    "RayResult",
+    "RayStatus",
+    "exact_cutoff",
+    "find_radius",
+    "log_log_curvature",
+    "radius_search",
+]
 
 _MIN_SLOPE, _MAX_SLOPE = 0.1, 20.0  # range of the slope assumed before one is measured
 _MAX_STEP = 1e3  # largest factor by which one step may grow or shrink the radius
@@ -340,3 +348,17 @@ def exact_cutoff(
     ends = (math.log(t1) + step / (1 + slope_spread), math.log(t1) + step / (1 - slope_spread))
     lo, hi = min(ends), max(ends)
     return CutoffRadius(math.exp(x), math.exp(min(lo, x)), math.exp(max(hi, x)), False)
+
+
+def log_log_curvature(points: Sequence[tuple[float, float]], cutoff: float) -> float:
+    """:math:`d^2\\log\\delta / d(\\log t)^2` from the three evaluated points nearest the
+    cutoff (a divided difference); ``nan`` with fewer than three finite positive points."""
+    pts = [(t, d) for t, d in points if t > 0 and math.isfinite(t) and _finite_positive(d)]
+    y = math.log(cutoff)
+    near = sorted(sorted(pts, key=lambda p: abs(math.log(p[1]) - y))[:3])
+    if len(near) < 3:
+        return math.nan
+    (x0, y0), (x1, y1), (x2, y2) = ((math.log(t), math.log(d)) for t, d in near)
+    if not x0 < x1 < x2:
+        return math.nan
+    return 2.0 * ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)
