@@ -349,8 +349,10 @@ def main() -> None:
     print(f"Tyche GPU check on {args.device} ({label}), torch {torch.__version__}, "
           f"{args.n_samples} directions per row{', quick shapes' if args.quick else ''}"
           f"{', compile backend eager' if quick_cpu else ''}", flush=True)  # fmt: skip
-    print(f"{'row':<24} {'D':>11} {'evals/dir':>9} {'calls/dir':>9} {'s/dir':>8} "
-          f"{'setup s':>8} {'peak MiB':>9} {'restored':>8} {'log P':>14} {'cache':>7}")
+    print(
+        f"{'row':<24} {'D':>11} {'evals/dir':>9} {'calls/dir':>9} {'s/dir':>8} "
+        f"{'setup s':>8} {'peak MiB':>9} {'restored':>8} {'log P':>14} {'cache':>7}"
+    )
     rows = []
     for case in cases():
         if args.rows and not any(r in case.name for r in args.rows):

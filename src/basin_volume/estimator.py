@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -651,11 +652,22 @@ class _Problem:
 
     def log_integral(self, radius: float, dot: float) -> float:
         """log I(omega) for a ray of length ``radius`` with omega . theta0 = ``dot``."""
+        return self.log_integrals([radius], [dot])[0]
+
+    def log_integrals(self, radii: list[float], dots: list[float]) -> list[float]:
+        """:meth:`log_integral` for many rays in one vectorised call (the Gaussian radial
+        integral costs the same for one ray as for hundreds)."""
+        if not radii:
+            return []
         if self.measure is Measure.GAUSSIAN:
             const = -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * (self.norm_c / self.sigma) ** 2
-            beta = -dot / self.sigma
-            return const + log_radial_integral(radius / self.sigma, self.dim - 1.0, 1.0, beta)
-        return self.dim * math.log(radius) - math.log(self.dim) if radius > 0 else -math.inf
+            rho = np.asarray(radii, dtype=np.float64) / self.sigma
+            beta = -np.asarray(dots, dtype=np.float64) / self.sigma
+            values = np.atleast_1d(log_radial_integral(rho, self.dim - 1.0, 1.0, beta))
+            return [const + float(v) for v in values]
+        return [
+            self.dim * math.log(r) - math.log(self.dim) if r > 0 else -math.inf for r in radii
+        ]
 
     def run_group(self, ks: list[int], guess: float, slope: float) -> list[DirectionRecord]:
         """Search directions ``ks`` together, evaluating their pending radii in one call."""
@@ -683,24 +695,39 @@ class _Problem:
                     rays_done[i] = stop.value
                     del pending[i]
         self.rays.restore()
-        return [self._record(k, starts[i], rays_done[i], slope) for i, k in enumerate(ks)]
+        # Every radius whose integral is needed (the estimate's, and the ends of the exact
+        # cutoff's interval), for all the group's directions in one vectorised call.
+        plans = [self._radii(rays_done[i], slope) for i in range(len(ks))]
+        flat = [r for plan in plans for r in plan]
+        dots = [starts[i].dot for i, plan in enumerate(plans) for _ in plan]
+        values = iter(self.log_integrals(flat, dots))
+        return [
+            self._record(k, starts[i], rays_done[i], [next(values) for _ in plans[i]])
+            for i, k in enumerate(ks)
+        ]
 
-    def _record(self, k: int, ray_start: RayStart, ray: RayResult, slope: float) -> DirectionRecord:
-        """The direction's record; a converged ray's estimate is taken where delta equals the
-        cutoff exactly (:func:`~basin_volume.radius.exact_cutoff`), with its bound in nats;
-        ``radius`` and ``delta`` stay the evaluated ones."""
-        radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-        lai, bound = self.log_integral(radius, ray_start.dot), math.nan
-        cut = None
+    def _radii(self, ray: RayResult, slope: float) -> list[float]:
+        """``[radius]`` to integrate to, or ``[cutoff radius, low, high]`` for a converged ray
+        (:func:`~basin_volume.radius.exact_cutoff`)."""
         if ray.status is RayStatus.CONVERGED:
             own = abs(log_log_curvature(ray.points, self.cutoff))  # this ray's, if measured
             curvature = max(self.curvature, 2.0 * own) if math.isfinite(own) else self.curvature
             cut = exact_cutoff(ray.points, self.cutoff, slope=slope,
                                slope_spread=self.slope_spread, curvature=curvature)  # fmt: skip
-        if cut is not None:
-            lai = self.log_integral(cut.radius, ray_start.dot)
-            bound = max(abs(self.log_integral(end, ray_start.dot) - lai)
-                        for end in (cut.low, cut.high))  # fmt: skip
+            if cut is not None:
+                return [cut.radius, cut.low, cut.high]
+        return [ray.radius if ray.status is not RayStatus.NONFINITE else 0.0]
+
+    def _record(
+        self, k: int, ray_start: RayStart, ray: RayResult, lais: list[float]
+    ) -> DirectionRecord:
+        """The direction's record; a converged ray's estimate is taken where delta equals the
+        cutoff exactly, with the bound (nats) from the ends of its interval; ``radius`` and
+        ``delta`` stay the evaluated ones."""
+        radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
+        lai, bound = lais[0], math.nan
+        if len(lais) == 3:
+            bound = max(abs(lais[1] - lai), abs(lais[2] - lai))
         return _CutoffRecord(
             index=k,
             estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(ray_start.prop),
