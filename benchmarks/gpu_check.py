@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 import basin_volume as bv  # noqa: E402
 from basin_volume.causal import CausalLMKL  # noqa: E402
-from basin_volume.estimator import run_rays  # noqa: E402
+from basin_volume.estimator import WARMUP, run_rays  # noqa: E402
 from basin_volume.rays import InPlaceRays  # noqa: E402
 
 SHAPES = {
@@ -92,6 +92,7 @@ def cases() -> list[Case]:
         Case("dense fp32 cache=auto", cache_mode="auto"),
         Case("dense fp32 no cache", cache_mode=None),
         Case("dense fp32 batch=4", batch=4),
+        Case("light fp32 batch=4", light=True, batch=4),
         Case("light fp32", light=True, host_cache=False),
         Case("light fp32 host cache", light=True, host_cache=True),
         Case("dense fp32 compile", compile=True),
@@ -168,11 +169,12 @@ def estimate_with(case: Case, model, fn: CausalLMKL, n_samples: int):
         warnings.simplefilter("ignore")
         if case.light:
             params = [p for p in model.parameters() if p.requires_grad]
+            batch_fn = torch.func.vmap(fn) if case.batch > 1 else None
             rays = InPlaceRays(fn, params, seed=0, preconditioner=None,
-                               host_cache=case.host_cache)  # fmt: skip
+                               host_cache=case.host_cache, batch_fn=batch_fn)  # fmt: skip
             return run_rays(rays, n_samples=n_samples, measure="gaussian", sigma=None,
                             max_evals=40, max_radius=None, callback=None, resume_from=None,
-                            meta={}, **SETTINGS)  # fmt: skip
+                            meta={}, batch_size=case.batch, **SETTINGS)  # fmt: skip
         return bv.estimate(fn, fn.center, n_samples=n_samples, model_batch_size=case.batch,
                            **SETTINGS)  # fmt: skip
 
@@ -193,13 +195,15 @@ def run_case(case: Case, args) -> dict:
     calls0 = fn.n_forward
     memory.reset()
     t0 = time.perf_counter()
-    res = estimate_with(case, model, fn, args.n_samples)
+    # batches form after the warm-up directions, which every run searches one at a time
+    n = args.n_samples if case.batch == 1 else WARMUP + 2 * case.batch
+    res = estimate_with(case, model, fn, n)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = memory.peak()
-    n = args.n_samples
     row = {
+        "directions": n,
         "dim": dim,
         "evals_per_direction": res.n_evals.double().mean().item(),
         "calls_per_direction": (fn.n_forward - calls0) / n,
@@ -232,7 +236,8 @@ def torchrun_results(args) -> dict:
     """Dense and light runs of :data:`TORCHRUN_DIRECTIONS` directions, as JSON-able dicts."""
     model, fn = torchrun_problem(args)
     out = {}
-    for name, case in (("dense", Case("dense", batch=2)), ("light", Case("light", light=True))):
+    cases = (("dense", Case("dense", batch=2)), ("light", Case("light", light=True, batch=2)))
+    for name, case in cases:
         res = estimate_with(case, model, fn, TORCHRUN_DIRECTIONS)
         out[name] = {k: getattr(res, k).tolist() for k in ("estimates", "radii", "n_evals")}
         out[name]["status"] = list(res.status)

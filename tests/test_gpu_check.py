@@ -26,6 +26,7 @@ def test_gpu_check_quick_on_cpu_runs_every_row(tmp_path):
     names = [r["name"] for r in rows]
     for wanted in ("dense fp32 cache=gpu", "dense fp32 no cache", "light fp32 host cache",
                    "dense fp32 compile", "light bf16", "160m light", "dense fp32 batch=4",
+                   "light fp32 batch=4",
                    "torchrun 1 proc", "torchrun 2 proc"):  # fmt: skip
         assert wanted in names
     assert not [r for r in rows if "error" in r]

@@ -131,7 +131,8 @@ class VolumeConfig:
     model_batch_size : int
         Directions whose pending radii are evaluated in one vmapped call (see
         :func:`basin_volume.estimate`); falls back to one at a time, with a warning, for models
-        that ``torch.func.vmap`` cannot batch. Ignored in the memory-light mode.
+        that ``torch.func.vmap`` cannot batch. In the memory-light mode the points are
+        built in one ``[B, D]`` buffer, ``B`` cut to what a quarter of the free memory holds.
     model_name : str, optional
         ``model_type="pythia"``: ``"14m"``, ``"70m"``, ``"160m-deduped"``... for
         ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory;
@@ -456,11 +457,14 @@ class VolumeEstimator:
             elif self.low_memory:
                 params = [p for _, p in self.selected_parameters()]
                 dim = sum(p.numel() for p in params)
+                batched = cfg.model_batch_size > 1  # as many points as memory allows
                 rays = InPlaceRays(
-                    self.fn, params, seed=cfg.seed, preconditioner=as_preconditioner(pre, dim)
-                )
+                    self.fn, params, seed=cfg.seed, preconditioner=as_preconditioner(pre, dim),
+                    batch_fn=torch.func.vmap(self.fn) if batched else None,
+                )  # fmt: skip
                 result = run_rays(
                     rays,
+                    batch_size=cfg.model_batch_size,
                     n_samples=cfg.n_samples,
                     resume_from=resume_from,
                     max_evals=40,
