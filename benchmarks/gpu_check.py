@@ -61,10 +61,10 @@ SHAPES = {
                  intermediate_size=3072, vocab_size=50304),
 }  # fmt: skip
 QUICK_SHAPES = {  # the same architecture, smaller, for --quick
-    "14m": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                intermediate_size=512, vocab_size=4096),
-    "160m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=1024, vocab_size=8192),
+    "14m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=256, vocab_size=2048),
+    "160m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=512, vocab_size=4096),
 }  # fmt: skip
 SETTINGS = dict(cutoff=1e-2, rtol=1e-2, seed=0, progress=False)
 TORCHRUN_DIRECTIONS = 18  # more than the 16 warm-up directions every rank runs itself
@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--torchrun-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.n_samples is None:
-        args.n_samples = 3 if args.quick else 8
+        args.n_samples = 2 if args.quick else 8
     # torch.compile's inductor backend takes minutes to build kernels on a CPU; --quick on
     # the CPU runs the same compile path (dynamo tracing of the functional call) through
     # the eager backend instead
