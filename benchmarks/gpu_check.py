@@ -283,6 +283,10 @@ def child_run(nproc: int, args) -> tuple[dict, str, float]:
 
 def run_torchrun(nproc: int, args, reference: dict) -> dict:
     got, backend, seconds = child_run(nproc, args)
+    if got["world"] == 1:
+        backend = "no process group"  # torchrun with one process: nothing to join
+    elif backend == "gloo" and torch.device(args.device).type == "cuda":
+        backend = "gloo (fewer GPUs than processes: NCCL needs one GPU per rank)"
     row = {"backend": backend, "world": got["world"], "seconds": seconds}
     for name in ("dense", "light"):
         row[f"identical_{name}"] = got[name] == reference[name]
