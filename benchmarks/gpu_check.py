@@ -50,7 +50,8 @@ import torch  # noqa: E402
 
 import basin_volume as bv  # noqa: E402
 from basin_volume.causal import CausalLMKL  # noqa: E402
-from basin_volume.estimator import WARMUP, run_rays  # noqa: E402
+from basin_volume.estimator import run_rays  # noqa: E402
+from basin_volume.ray_loop import WARMUP  # noqa: E402
 from basin_volume.rays import InPlaceRays  # noqa: E402
 
 SHAPES = {

@@ -297,7 +297,7 @@ def test_cli_second_session_refuses_naming_the_pid(models, tmp_path, capsys):
 def test_run_lock_without_flock(tmp_path, monkeypatch):
     import errno
 
-    from basin_volume import runfile
+    from basin_volume.runfile import lock as runfile
 
     log = tmp_path / "r.records.jsonl"
     monkeypatch.setattr(runfile, "fcntl", None)  # as on Windows: the lock file is created

@@ -267,3 +267,45 @@ def test_estimate_bad_argument_exit_status_from_the_shell(tmp_path):
 def test_help_explains_options_in_nats(command, capsys):
     code, out, _ = cli(f"{command} --help", capsys)
     assert code == 0 and "nats" in out
+
+
+def test_every_model_type_is_a_choice_and_convnext_runs(tmp_path, capsys):
+    import basin_volume as bv
+    from basin_volume.cli.parser import build_parser
+
+    action = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["estimate"]._actions
+        if "--model-type" in a.option_strings
+    )
+    assert {t.value for t in bv.ModelType} <= set(action.choices)
+    m = tmp_path / "images.py"
+    m.write_text(
+        "import torch\n"
+        "def tiny_convnet():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 2), torch.nn.Flatten(),\n"
+        "                              torch.nn.Linear(2, 3))\n"
+        "    return net, torch.randn(6, 3, 2, 2)\n"
+    )
+    out = tmp_path / "convnext.json"
+    command = "estimate --model {m}:tiny_convnet --model-type convnext -n 3 -q -o {o}"
+    assert cli(command, capsys, m=m, o=out)[0] == 0
+    assert VolumeResult.load(out).meta["config"]["model_type"] == "convnext"
+    command = "estimate --model digits --model-type convnext -n 3 -o {o}"
+    code, _, err = cli(command, capsys, o=tmp_path / "digits.json")
+    assert code == 2 and "--model-type" in err
+
+
+def test_defaults_agree_between_estimate_config_and_command_line():
+    import dataclasses
+    import inspect
+
+    import basin_volume as bv
+    from basin_volume.cli.assemble import _ESTIMATION_DEFAULTS
+
+    signature = inspect.signature(bv.estimate).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(bv.VolumeConfig)}
+    for name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed"):
+        assert signature[name].default == fields[name] == _ESTIMATION_DEFAULTS[name], name
+    assert fields["n_samples"] == 100

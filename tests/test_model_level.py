@@ -248,3 +248,13 @@ def test_compiled_kernels_agree_to_float_precision():
 def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="compile"):
         compile_run("yes")
+
+
+def test_cache_mode_none_is_spelled_both_ways():
+    from basin_volume.causal import _resolve_cache_mode
+
+    assert bv.VolumeConfig(cache_mode="none").cache_mode is None
+    assert bv.VolumeConfig(cache_mode=None).cache_mode is None
+    assert _resolve_cache_mode("none") is None and _resolve_cache_mode(None) is None
+    with pytest.raises(ValueError, match="cache_mode"):
+        _resolve_cache_mode("disk")

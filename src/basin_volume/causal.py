@@ -28,27 +28,36 @@ recomputation would produce, so every cache mode gives bit-identical values of
 log-probabilities or a top-k would be smaller but would change the objective.) Log-softmax
 and the KL are evaluated in float64 (float32 on MPS, which has no float64) in slices of
 positions, so memory beyond the forward pass stays bounded.
+
+The texts are tokenised by :mod:`basin_volume.texts`; the paper's Pythia models are loaded by
+:mod:`basin_volume.pythia` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
-import itertools
-import math
-import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from .devices import available_ram_bytes, default_device, wide_dtype
+from .devices import available_ram_bytes, wide_dtype
 from .objectives import kl_from_logprobs
 from .parameters import FlatParameters, ParameterSelection, preserved
+from .pythia import PYTHIA_STEPS, load_pythia, pythia_source
+from .texts import (
+    _check_budget,
+    _check_positive_int,
+    _dataset_len,
+    _first_texts,
+    chunk_and_tokenize,
+    iter_texts,
+    tokenize_texts,
+)
 
 __all__ = [
+    "PYTHIA_STEPS",
     "CacheMode",
     "CausalLMKL",
     "causal_lm_objective",
@@ -61,12 +70,11 @@ __all__ = [
 ]
 
 _SLICE_ELEMENTS = 1 << 22  # log-softmax/KL work on at most this many float64 entries at once
-PYTHIA_STEPS = frozenset([0, *(2**k for k in range(10)), *range(1000, 143001, 1000)])
-"""The checkpoints published for every Pythia model (revision ``step{N}``)."""
 
 
 class CacheMode(enum.StrEnum):
-    """Where the centre's outputs are cached (``None`` means: recompute them every time)."""
+    """Where the centre's outputs are cached (``None`` or ``"none"``: recompute them every
+    time)."""
 
     CPU = "cpu"
     """In host memory; moved to the model's device one batch at a time."""
@@ -78,13 +86,14 @@ class CacheMode(enum.StrEnum):
 
 
 def _resolve_cache_mode(cache_mode) -> CacheMode | None:
-    if cache_mode is None:
+    """``cache_mode`` as a :class:`CacheMode`, or ``None`` for ``None`` and ``"none"``."""
+    if cache_mode is None or cache_mode == "none":
         return None
     try:
         return CacheMode(cache_mode)
     except ValueError:
         raise ValueError(
-            f"cache_mode must be None, 'cpu', 'gpu' or 'auto', got {cache_mode!r}"
+            f"cache_mode must be None (or 'none'), 'cpu', 'gpu' or 'auto', got {cache_mode!r}"
         ) from None
 
 
@@ -142,222 +151,6 @@ def choose_cache_device(
     if ram is None or nbytes <= ram // 2:
         return cpu
     return None
-
-
-# --------------------------------------------------------------------------- texts
-
-
-def _dataset_len(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
-def iter_texts(dataset, text_key: str = "text") -> Iterator[str]:
-    """The texts of ``dataset`` in order, reading nothing beyond what is consumed.
-
-    ``dataset`` may be a ``datasets.Dataset`` or ``IterableDataset``, a mapping of columns
-    (``{"text": [...]}``), a sequence of mappings (``[{"text": ...}, ...]``), or a sequence of
-    strings (``text_key`` is then unused).
-    """
-    if dataset is None:
-        raise ValueError(
-            "dataset is required: pass a data set of texts, e.g. "
-            "datasets.Dataset.from_dict({'text': [...]})"
-        )
-    if isinstance(dataset, str | bytes):
-        raise TypeError(
-            "dataset must be a collection of texts, not a single string; "
-            "wrap it in a list: dataset=[text]"
-        )
-    columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, Mapping):  # a DatasetDict
-        raise ValueError(
-            f"dataset is a dict of splits {sorted(columns)}; pass one split, e.g. "
-            f"dataset=dataset[{next(iter(columns))!r}]"
-        )
-    if isinstance(dataset, Mapping):
-        if text_key not in dataset:
-            raise ValueError(
-                f"text_key={text_key!r} is not a column of dataset (columns: "
-                f"{sorted(map(str, dataset))}); pass text_key=<the column holding the text>"
-            )
-        rows: Iterable = dataset[text_key]
-    elif columns is not None:
-        if columns and text_key not in columns:
-            raise ValueError(
-                f"text_key={text_key!r} is not a column of dataset (columns: {columns}); "
-                "pass text_key=<the column holding the text>"
-            )
-        select = getattr(dataset, "select_columns", None)
-        rows = (r[text_key] for r in (select([text_key]) if select else dataset))
-    else:
-        rows = dataset
-    for i, row in enumerate(rows):
-        if isinstance(row, Mapping):
-            if text_key not in row:
-                raise ValueError(
-                    f"text_key={text_key!r} is not a field of dataset row {i} (fields: "
-                    f"{sorted(map(str, row))}); pass text_key=<the field holding the text>"
-                )
-            row = row[text_key]
-        if not isinstance(row, str):
-            raise TypeError(
-                f"dataset row {i} ({text_key!r}) is a {type(row).__name__}, not a string; "
-                "the causal KL needs raw text (pass text_key=<a text column>)"
-            )
-        yield row
-
-
-def _first_texts(dataset, text_key: str, n: int) -> list[str]:
-    """The first ``n`` texts; for a ``datasets.Dataset`` only those rows are read."""
-    select = getattr(dataset, "select", None)
-    size = _dataset_len(dataset)
-    if callable(select) and size is not None and not isinstance(dataset, Mapping):
-        dataset = select(range(min(n, size)))
-    return list(itertools.islice(iter_texts(dataset, text_key), n))
-
-
-def _pad_id(tokenizer, *, warn: bool) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is not None:
-        return int(pad)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    fill, name = (int(eos), f"the eos token id {eos}") if eos is not None else (0, "token id 0")
-    if warn:
-        warnings.warn(
-            f"tokenizer has no pad token; padding with {name}. Padded positions are excluded "
-            "by the attention mask, so this does not change the result; set "
-            "tokenizer.pad_token (e.g. = tokenizer.eos_token) to silence this warning",
-            UserWarning,
-            stacklevel=3,
-        )
-    return fill
-
-
-def _encode(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
-    if tokenizer is None or not callable(tokenizer):
-        raise ValueError(
-            "tokenizer is required for a causal LM: pass the model's tokenizer, e.g. "
-            "tokenizer=AutoTokenizer.from_pretrained(<model name>)"
-        )
-    out = tokenizer(texts, **kwargs)
-    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
-    return [list(map(int, seq)) for seq in ids]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_budget(value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(
-            f"cache_budget_bytes must be None or a non-negative int (bytes), got {value!r}"
-        )
-
-
-def tokenize_texts(
-    texts: Sequence[str], tokenizer, *, max_seq_len: int = 2048
-) -> dict[str, torch.Tensor]:
-    """Tokenise ``texts`` (truncated to ``max_seq_len`` tokens) and right-pad them.
-
-    Texts that produce no tokens are dropped. A tokenizer without a pad token pads with its
-    eos token (with a warning); padded positions have ``attention_mask == 0``.
-
-    Returns
-    -------
-    dict
-        ``input_ids`` and ``attention_mask``, int64 tensors of shape ``[n, longest]``.
-    """
-    _check_positive_int("max_seq_len", max_seq_len)
-    seqs = _encode(tokenizer, list(texts), truncation=True, max_length=max_seq_len, padding=False)
-    seqs = [s[:max_seq_len] for s in seqs if s]
-    if not seqs:
-        raise ValueError("dataset texts produced no tokens: pass non-empty texts")
-    longest = max(map(len, seqs))
-    pad = _pad_id(tokenizer, warn=any(len(s) < longest for s in seqs))
-    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def chunk_and_tokenize(
-    dataset,
-    tokenizer,
-    *,
-    text_key: str = "text",
-    max_seq_len: int = 2048,
-    n_chunks: int | None = None,
-    eos_token_id: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Join texts with an end-of-sequence token and cut them into chunks of ``max_seq_len``.
-
-    Each text is tokenised without special tokens and followed by ``eos_token_id`` (default:
-    the tokenizer's), the token stream is cut into consecutive chunks of exactly
-    ``max_seq_len`` tokens, and the incomplete tail is dropped. Texts are read only until
-    ``n_chunks`` chunks are full, so a large data set is not tokenised in full.
-
-    Parameters
-    ----------
-    dataset
-        Texts, in any form :func:`iter_texts` accepts (e.g. a ``datasets.Dataset``).
-    tokenizer
-        A Hugging Face tokenizer.
-    text_key : str
-        The text column.
-    max_seq_len : int
-        Tokens per chunk.
-    n_chunks : int, optional
-        Stop after this many chunks (default: use every text).
-    eos_token_id : int, optional
-        The separator (default: ``tokenizer.eos_token_id``).
-
-    Returns
-    -------
-    dict
-        ``input_ids`` (int64, ``[n, max_seq_len]``) and an all-ones ``attention_mask``.
-    """
-    _check_positive_int("max_seq_len", max_seq_len)
-    if n_chunks is not None:
-        _check_positive_int("n_chunks", n_chunks)
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_token_id is None:
-            raise ValueError(
-                "chunking joins texts with the end-of-sequence token, but the tokenizer has "
-                "no eos_token; set tokenizer.eos_token or pass eos_token_id=<id>"
-            )
-    need = math.inf if n_chunks is None else n_chunks * max_seq_len
-    stream: list[int] = []
-    for text in iter_texts(dataset, text_key):
-        if len(stream) >= need:
-            break
-        (ids,) = _encode(tokenizer, [text], add_special_tokens=False, verbose=False)
-        stream.extend(ids)
-        stream.append(int(eos_token_id))
-    count = len(stream) // max_seq_len
-    if n_chunks is not None:
-        count = min(count, n_chunks)
-    if count == 0:
-        raise ValueError(
-            f"the dataset has only {len(stream)} tokens, fewer than one chunk of "
-            f"max_seq_len={max_seq_len}; lower max_seq_len or use chunking=False"
-        )
-    if n_chunks is not None and count < n_chunks:
-        warnings.warn(
-            f"the dataset gives only {count} full chunks of {max_seq_len} tokens, fewer than "
-            f"the {n_chunks} asked for (val_size); using {count}",
-            UserWarning,
-            stacklevel=2,
-        )
-    ids = torch.tensor(stream[: count * max_seq_len], dtype=torch.long).view(count, max_seq_len)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 # --------------------------------------------------------------------------- objective
@@ -688,86 +481,3 @@ def causal_lm_objective(
         compile=compile,
         parameters=parameters,
     )
-
-
-# --------------------------------------------------------------------------- Pythia
-
-
-def pythia_source(model_name: str, checkpoint_step: int | None = None) -> tuple[str, str | None]:
-    """Where :func:`load_pythia` loads from: ``(hub id or directory, revision)``.
-
-    ``"14m"``, ``"pythia-14m"`` and ``"EleutherAI/pythia-14m"`` all name the hub repository
-    ``EleutherAI/pythia-14m`` (likewise ``"160m-deduped"``...); ``checkpoint_step=N`` is the
-    revision ``"stepN"`` (default ``"main"``, the final step 143000). An existing local
-    directory is used as it is, or its sub-directory ``stepN`` when a step is given.
-    """
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError(
-            f"model_name is required for model_type='pythia', e.g. model_name='14m'; got "
-            f"{model_name!r}"
-        )
-    if checkpoint_step is not None and (
-        isinstance(checkpoint_step, bool) or not isinstance(checkpoint_step, int)
-    ):
-        raise TypeError(f"checkpoint_step must be an int or None, got {checkpoint_step!r}")
-    if os.path.isdir(model_name):
-        if checkpoint_step is None:
-            return model_name, None
-        sub = os.path.join(model_name, f"step{checkpoint_step}")
-        if not os.path.isdir(sub):
-            raise ValueError(
-                f"checkpoint_step={checkpoint_step} but the local directory {model_name!r} has "
-                f"no sub-directory 'step{checkpoint_step}'; pass checkpoint_step=None to load "
-                "the directory itself"
-            )
-        return sub, None
-    repo = (
-        model_name
-        if "/" in model_name
-        else f"EleutherAI/pythia-{model_name.removeprefix('pythia-')}"
-    )
-    if checkpoint_step is None:
-        return repo, "main"
-    if checkpoint_step not in PYTHIA_STEPS:
-        raise ValueError(
-            f"checkpoint_step={checkpoint_step} is not a published Pythia checkpoint; use 0, a "
-            "power of two up to 512, or a multiple of 1000 up to 143000"
-        )
-    return repo, f"step{checkpoint_step}"
-
-
-def load_pythia(
-    model_name: str,
-    checkpoint_step: int | None = None,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Any, Any]:
-    """Load a Pythia model and its tokenizer with ``from_pretrained``.
-
-    Parameters
-    ----------
-    model_name : str
-        ``"14m"``, ``"70m"``, ``"160m-deduped"``..., a hub id, or a local directory (see
-        :func:`pythia_source`).
-    checkpoint_step : int, optional
-        Training step of the checkpoint (revision ``step{N}``); default the final one.
-    device : torch.device or str, optional
-        Default: CUDA if available, else MPS, else the CPU.
-    dtype : torch.dtype
-        Parameter dtype (the hub stores float16; float32 by default for an accurate KL).
-
-    Returns
-    -------
-    (model, tokenizer)
-        The model in eval mode.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, revision = pythia_source(model_name, checkpoint_step)
-    extra = {} if revision is None else {"revision": revision}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    model.to(default_device() if device is None else device)
-    model.eval()
-    return model, tokenizer

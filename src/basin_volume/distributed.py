@@ -1,7 +1,7 @@
 """Sharding directions over processes with :mod:`torch.distributed` (``torchrun``).
 
 Directions are independent. Every rank evaluates the first
-:data:`~basin_volume.estimator.WARMUP` directions itself (they fix the radius search's first
+:data:`~basin_volume.ray_loop.WARMUP` directions itself (they fix the radius search's first
 guess); the rest go in rounds of ``W * model_batch_size`` directions, rank ``r`` taking every
 ``W``-th, and each round's records are shared with every rank (:func:`gather_records`)
 before the next. Direction ``k`` uses the same seed whatever ``W`` is, so each direction's

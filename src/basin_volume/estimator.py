@@ -28,56 +28,27 @@ direction
 .. math:: \ell_k = \log A_D + \log I(\omega_k) - D \log \lVert P u_k\rVert,
 
 whose log-mean-exp is the estimate of :math:`\log\mu`.
+
+:func:`estimate` checks its arguments, picks the method and hands over to the loop of
+:mod:`basin_volume.ray_loop` (importance sampling) or to :mod:`basin_volume.smc_estimate`;
+the settings are resolved once by :class:`basin_volume.settings.Settings`.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import checks
-from .distributed import gather_records, init_from_env, world
-from .integrals import log_radial_integral, log_sphere_area
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
-from .radius import RayResult, RayStatus, exact_cutoff, log_log_curvature, radius_search
-from .rays import DenseRays, InPlaceRays, RayStart
-from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
+from .ray_loop import RadiusSearchWarning, _version, run_directions, run_rays
+from .rays import DenseRays
+from .result import DirectionRecord, VolumeResult, warn_every_time
+from .settings import Measure, Method, Settings
 
 __all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
-
-
-WARMUP = 16
-"""Directions whose radii seed the first guess of every later direction."""
-
-
-class Measure(enum.StrEnum):
-    """The measure of parameter space whose basin mass is estimated."""
-
-    GAUSSIAN = "gaussian"
-    """Probability under the prior N(0, sigma^2 I): where a random initialisation lands."""
-    UNIFORM = "uniform"
-    """Lebesgue volume of the basin."""
-
-
-class Method(enum.StrEnum):
-    """How the basin's measure is estimated."""
-
-    AUTO = "auto"
-    """``"smc"`` where it applies, else ``"is"`` (see :func:`estimate`)."""
-    SMC = "smc"
-    """Sequential Monte Carlo along a Gaussian-cooling path (:mod:`basin_volume.smc`)."""
-    IS = "is"
-    """Importance sampling from one proposal: fast, but a lower bound unless its ESS is high."""
 
 
 def _resolve_method(method, pre, *, resume_from, callback) -> Method:
@@ -98,69 +69,25 @@ def _resolve_method(method, pre, *, resume_from, callback) -> Method:
     return Method.SMC
 
 
-def _default_max_radius(measure: Measure, norm_c: float, sigma: float, dim: int) -> float:
-    if measure is Measure.GAUSSIAN:
-        return norm_c + sigma * (math.sqrt(dim) + 50.0)
-    return 1e6 * max(norm_c, 1.0)
-
-
-def _checked_settings(*, measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius,
-                      dim: int, norm_c: float) -> tuple:
-    """The settings every method shares, validated, with sigma and max_radius resolved.
-
-    Returns ``(measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius)``.
-    """
-    try:
-        measure = Measure(measure)
-    except ValueError:
-        raise ValueError(f"measure must be 'gaussian' or 'uniform', got {measure!r}") from None
-    n_samples = _check_positive("n_samples", n_samples, integer=True)
-    cutoff = _check_positive("cutoff", cutoff)
-    rtol = checks.check_rtol(rtol)
-    max_evals = _check_positive("max_evals", max_evals, integer=True)
-    seed = _check_seed(seed)
-    sigma = _resolve_sigma(sigma, norm_c, dim, measure)
-    if max_radius is None:
-        max_radius = _default_max_radius(measure, norm_c, sigma, dim)
-    max_radius = _check_positive("max_radius", max_radius)
-    return measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius
-
-
-def first_guess(measure: Measure, sigma: float, dim: int, norm_c: float) -> float:
-    """First radius tried before any direction has measured one: 1% of the prior's scale."""
-    scale = sigma * math.sqrt(dim) if measure is Measure.GAUSSIAN else None
-    return 1e-2 * (scale or max(norm_c, 1.0))
-
-
-def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, seed, progress,
-                  max_evals, max_radius, budget, replicas, n_moves, batch_fn, model_batch_size):
+def _estimate_smc(rays: DenseRays, pre, s: Settings, *, progress: bool, budget, replicas: int,
+                  n_moves: int, batch_size: int) -> VolumeResult:
+    """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 
-    replicas = _check_positive("replicas", replicas, integer=True)
-    n_moves = _check_positive("n_moves", n_moves, integer=True)
-    if budget is not None:
-        budget = _check_positive("budget", budget, integer=True)
-    rays = DenseRays(fn, center, seed=seed, preconditioner=None, batch_fn=batch_fn)
-    measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius = _checked_settings(
-        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
-        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
-    )
-    if n_samples < 16:
-        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {n_samples}")
-    if model_batch_size > 1 and batch_fn is None:
-        rays.batch_fn = _vmapped_or_none(fn, center)
+    if s.n_samples < 16:
+        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {s.n_samples}")
     result = estimate_smc(
-        rays, n_particles=n_samples, replicas=replicas, n_moves=n_moves, cutoff=cutoff,
-        sigma=sigma, measure=measure.value, preconditioner=pre, rtol=rtol, seed=seed,
-        progress=progress, max_evals=max_evals, max_radius=max_radius, budget=budget,
-        batch_size=model_batch_size,
-        first_guess=first_guess(measure, sigma, rays.dim, rays.center_norm),
+        rays, n_particles=s.n_samples, replicas=replicas, n_moves=n_moves, cutoff=s.cutoff,
+        sigma=s.sigma, measure=s.measure.value, preconditioner=pre, rtol=s.rtol, seed=s.seed,
+        progress=progress, max_evals=s.max_evals, max_radius=s.max_radius, budget=budget,
+        batch_size=batch_size,
+        first_guess=s.first_guess(rays.dim, rays.center_norm),
         meta={
             "center_sha256": rays.center_sha256(),
-            "device": str(center.device),
-            "dtype": str(center.dtype).removeprefix("torch."),
+            "device": str(rays.center.device),
+            "dtype": str(rays.center.dtype).removeprefix("torch."),
             "preconditioner": None if pre is None else type(pre).__name__,
-            "max_radius": max_radius,
+            "max_radius": s.max_radius,
             "torch_version": torch.__version__,
             "basin_volume_version": _version(),
             "n_moves": n_moves,
@@ -176,33 +103,6 @@ def _estimate_smc(fn, center, pre, *, n_samples, cutoff, measure, sigma, rtol, s
             stacklevel=3,
         )
     return result
-
-
-@dataclass(frozen=True)
-class _CutoffRecord(DirectionRecord):
-    """A :class:`DirectionRecord` whose estimate is at the exact cutoff, with the bound (nats)
-    on how far the interpolation of :func:`basin_volume.radius.exact_cutoff` could be from
-    the crossing (``nan`` where no radius was interpolated)."""
-
-    bound: float = dataclass_field(default=math.nan, compare=False)
-    curvature: float = dataclass_field(default=math.nan, compare=False)
-
-
-def cutoff_bounds(records: list[DirectionRecord]) -> dict:
-    """``meta["cutoff_bound"]``: the per-direction bounds (nats) of the exact-cutoff estimates
-    and their mean over the directions that have one (``None`` where a direction has none,
-    e.g. one resumed from a file, or one that did not converge)."""
-    bounds = [getattr(r, "bound", math.nan) for r in records]
-    known = [b for b in bounds if math.isfinite(b)]
-    return {
-        "mean": statistics.fmean(known) if known else None,
-        "max": max(known) if known else None,
-        "per_direction": [b if math.isfinite(b) else None for b in bounds],
-    }
-
-
-class RadiusSearchWarning(RuntimeWarning):
-    """Some directions' radius searches did not converge; see ``VolumeResult.status``."""
 
 
 def _check_center(center) -> torch.Tensor:
@@ -236,29 +136,6 @@ def _check_center(center) -> torch.Tensor:
 def _check_positive(name: str, value, *, integer: bool = False) -> int | float:
     """``value`` as a Python number (numpy and 0-d torch scalars accepted), positive."""
     return checks.check_positive(name, value, integer=integer)
-
-
-def _resolve_sigma(sigma, norm_c: float, dim: int, measure: Measure) -> float:
-    if measure is Measure.UNIFORM:
-        return math.nan
-    rms = norm_c / math.sqrt(dim)
-    if sigma is None:
-        if rms == 0:
-            raise ValueError(
-                "sigma is missing and cannot be derived: the centre is all zeros, so its RMS "
-                "(the default prior scale) is 0; pass sigma=<the initialisation scale>"
-            )
-        return rms
-    sigma = _check_positive("sigma", sigma)
-    if rms > 0 and not 1e-2 <= sigma / rms <= 1e2:
-        warnings.warn(
-            f"sigma={sigma:g} is {sigma / rms:.3g} times the RMS of the centre ({rms:.3g}); "
-            "the prior is then far from the parameters' scale (did you pass a variance, or "
-            "the wrong units?)",
-            UserWarning,
-            stacklevel=4,
-        )
-    return float(sigma)
 
 
 def estimate(
@@ -393,27 +270,28 @@ def estimate(
     pre = as_preconditioner(preconditioner, center.numel())
     model_batch_size = _check_positive("model_batch_size", model_batch_size, integer=True)
     method = _resolve_method(method, pre, resume_from=resume_from, callback=callback)
-    if method is Method.SMC:
-        return _estimate_smc(
-            fn, center, pre, n_samples=n_samples, cutoff=cutoff, measure=measure, sigma=sigma,
-            rtol=rtol, seed=seed, progress=progress, max_evals=max_evals,
-            max_radius=max_radius, budget=budget, replicas=replicas, n_moves=n_moves,
-            batch_fn=batch_fn, model_batch_size=model_batch_size,
-        )
+    smc = method is Method.SMC
+    if smc:
+        replicas = _check_positive("replicas", replicas, integer=True)
+        n_moves = _check_positive("n_moves", n_moves, integer=True)
+        if budget is not None:
+            budget = _check_positive("budget", budget, integer=True)
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)
-    rays = DenseRays(fn, center, seed=seed, preconditioner=pre, batch_fn=batch_fn)
-    return run_rays(
+    rays = DenseRays(fn, center, seed=seed, preconditioner=None if smc else pre, batch_fn=batch_fn)
+    settings = Settings.resolve(
+        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
+        seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
+    )  # fmt: skip
+    if smc:
+        return _estimate_smc(
+            rays, pre, settings, progress=progress, budget=budget, replicas=replicas,
+            n_moves=n_moves, batch_size=model_batch_size,
+        )  # fmt: skip
+    return run_directions(
         rays,
-        n_samples=n_samples,
-        cutoff=cutoff,
-        measure=measure,
-        sigma=sigma,
-        rtol=rtol,
-        seed=seed,
+        settings,
         progress=progress,
-        max_evals=max_evals,
-        max_radius=max_radius,
         callback=callback,
         resume_from=resume_from,
         batch_size=model_batch_size,
@@ -449,351 +327,3 @@ def _vmapped_or_none(fn: Callable, center: torch.Tensor) -> Callable | None:
 def _check_seed(seed) -> int:
     """``seed`` as an int in ``0 ... 2**63 - 1`` (see :func:`basin_volume.checks.check_seed`)."""
     return checks.check_seed(seed)
-
-
-def run_rays(
-    rays: DenseRays | InPlaceRays,
-    *,
-    n_samples: int,
-    cutoff: float,
-    measure: Measure | str,
-    sigma: float | None,
-    rtol: float,
-    seed: int,
-    progress: bool,
-    max_evals: int,
-    max_radius: float | None,
-    callback: Callable[[DirectionRecord], None] | None,
-    resume_from: VolumeResult | None,
-    meta: dict,
-    batch_size: int = 1,
-) -> VolumeResult:
-    """The estimator proper, for any ray evaluator of :mod:`basin_volume.rays`.
-
-    :func:`estimate` documents the arguments. The evaluator is restored to the centre after
-    every group of directions and on any exception.
-    """
-    dim, norm_c = rays.dim, rays.center_norm
-    measure, n_samples, cutoff, rtol, max_evals, seed, sigma, max_radius = _checked_settings(
-        measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
-        seed=seed, sigma=sigma, max_radius=max_radius, dim=dim, norm_c=norm_c,
-    )
-    batch_size = _check_positive("batch_size", batch_size, integer=True)
-    center_sha256 = rays.center_sha256()
-    if resume_from is not None:
-        _check_resumable(resume_from, dim, measure, sigma, cutoff, rtol, seed, n_samples)
-        _check_same_center(resume_from, center_sha256)
-
-    started = time.perf_counter()
-    records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
-    init_from_env()
-    rank, size = world()
-    bar = tqdm(
-        total=n_samples,
-        initial=len(records),
-        disable=not progress or rank != 0,
-        desc="directions",
-        unit="dir",
-    )
-    try:
-        f0 = rays.value_at_center()
-        if not math.isfinite(f0):
-            raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
-        problem = _Problem(
-            rays, f0, dim, measure, sigma, norm_c, cutoff, rtol, max_radius, max_evals
-        )
-        for group, shared in _groups(len(records), n_samples, rank, size, batch_size):
-            state = _search_state(records[:WARMUP], problem.first_guess)
-            problem.slope_spread = _slope_spread(records[:WARMUP])
-            problem.curvature = _curvature_bound(records[:WARMUP])
-            new = list(problem.run_group(group, *state))
-            if shared and size > 1:
-                new = gather_records(new)
-            for record in new:
-                records.append(record)
-                if callback is not None:
-                    callback(record)
-            bar.update(len(new))
-            if progress and rank == 0:
-                ests = torch.tensor([r.estimate for r in records], dtype=torch.float64)
-                bar.set_postfix(
-                    log_vol=f"{float(torch.logsumexp(ests, 0)) - math.log(len(ests)):.5g}",
-                    evals=f"{sum(r.n_evals for r in records) / len(records):.2f}",
-                )
-    finally:
-        bar.close()
-        rays.restore()
-        rays.release()
-
-    result = VolumeResult.from_records(
-        records,
-        dim=dim,
-        measure=measure.value,
-        cutoff=float(cutoff),
-        sigma=sigma,
-        rtol=float(rtol),
-        seed=seed,
-        meta={
-            "f0": f0,
-            "center_sha256": center_sha256,
-            "cutoff_bound": cutoff_bounds(records),
-            **meta,
-            "max_radius": max_radius,
-            "seconds": time.perf_counter() - started,
-            "torch_version": torch.__version__,
-            "basin_volume_version": _version(),
-        },
-    )
-    if rank == 0:  # once per job, not once per process
-        _warn_about(result)
-    return result
-
-
-def _groups(done: int, n_samples: int, rank: int, size: int, batch_size: int):
-    """Yield ``(indices, shared)``: the directions this rank searches together, in order.
-
-    Every rank runs the warm-up directions itself, one at a time (they fix the search state);
-    the rest go in rounds of ``size * batch_size`` directions, rank ``r`` taking every
-    ``size``-th one, and each round's records are shared with every rank (``shared``) before
-    the next round starts. Generated lazily: nothing is allocated per direction up front.
-    """
-    for k in range(done, min(WARMUP, n_samples)):
-        yield [k], False
-    step = size * batch_size
-    for start in range(max(done, WARMUP), n_samples, step):
-        yield list(range(start + rank, min(start + step, n_samples), size)), True
-
-
-def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[float, float]:
-    """First radius and log-log slope for the next direction, from earlier ones.
-
-    The median radius of the converged directions among ``records`` (radii concentrate in
-    high dimension) and their median measured slope. The estimator passes the first
-    :data:`WARMUP` directions only, so direction ``k``'s search depends on nothing but ``k``
-    and those: resumed, reordered and sharded runs give the same result for every direction.
-    """
-    log_radii = [math.log(r.radius) for r in records if r.status == RayStatus.CONVERGED]
-    slopes = [r.slope for r in records if math.isfinite(r.slope)]
-    guess = math.exp(statistics.median(log_radii)) if log_radii else first_guess
-    return guess, statistics.median(slopes) if slopes else 2.0
-
-
-def _slope_spread(records: list[DirectionRecord]) -> float:
-    """Relative uncertainty of the learned slope, for directions whose search stops after one
-    evaluation: twice the largest relative deviation of a measured slope from their median
-    (at least 0.05; 0.25 while fewer than three slopes are known)."""
-    slopes = [r.slope for r in records if math.isfinite(r.slope) and r.slope > 0]
-    if len(slopes) < 3:
-        return 0.25
-    mid = statistics.median(slopes)
-    return min(0.9, max(0.05, 2 * max(abs(k - mid) for k in slopes) / mid))
-
-
-def _curvature_bound(records: list[DirectionRecord]) -> float:
-    """:math:`M` of :func:`~basin_volume.radius.exact_cutoff`: twice the largest
-    :math:`|d^2\\log\\delta/d(\\log t)^2|` measured on ``records`` (from directions with three
-    or more evaluations), and at least 1."""
-    seen = [abs(c) for r in records if math.isfinite(c := getattr(r, "curvature", math.nan))]
-    return max([1.0] + [2.0 * c for c in seen])
-
-
-def _check_resumable(prev: VolumeResult, dim, measure, sigma, cutoff, rtol, seed, n_samples):
-    if "merged_seeds" in prev.meta:
-        raise ValueError("resume_from is a merged result; resume one of its parts instead")
-    mine = {
-        "dim": dim,
-        "measure": measure.value,
-        "cutoff": float(cutoff),
-        "rtol": float(rtol),
-        "seed": seed,
-    }
-    for name, value in mine.items():
-        if getattr(prev, name) != value:
-            raise ValueError(
-                f"resume_from was made with {name}={getattr(prev, name)!r} but this run has "
-                f"{name}={value!r}; resume with the same settings or start a new run"
-            )
-    if measure is Measure.GAUSSIAN and not math.isclose(prev.sigma, sigma, rel_tol=1e-12):
-        raise ValueError(f"resume_from has sigma={prev.sigma!r}, this run sigma={sigma!r}")
-    if prev.n_samples > n_samples:
-        raise ValueError(
-            f"resume_from already has {prev.n_samples} directions, more than n_samples={n_samples}"
-        )
-
-
-def _check_same_center(prev: VolumeResult, center_sha256: str) -> None:
-    """Refuse to continue a result made around another centre (another basin)."""
-    theirs = recorded_center(prev)
-    if theirs is not None and theirs != center_sha256:
-        raise ValueError(
-            f"resume_from was made around another centre: its center_sha256 is "
-            f"{theirs[:16]}..., this run's is {center_sha256[:16]}...; it is the partial "
-            "result of another basin (another model, checkpoint or dtype): resume it with "
-            "its own centre, or start a new run"
-        )
-
-
-@dataclass
-class _Problem:
-    """Everything fixed during a run; :meth:`run_direction` does one direction."""
-
-    rays: DenseRays | InPlaceRays
-    f0: float
-    dim: int
-    measure: Measure
-    sigma: float
-    norm_c: float
-    cutoff: float
-    rtol: float
-    max_radius: float
-    max_evals: int
-    slope_spread: float = 0.25
-    curvature: float = 1.0
-
-    @property
-    def first_guess(self) -> float:
-        return first_guess(self.measure, self.sigma, self.dim, self.norm_c)
-
-    def log_integral(self, radius: float, dot: float) -> float:
-        """log I(omega) for a ray of length ``radius`` with omega . theta0 = ``dot``."""
-        return self.log_integrals([radius], [dot])[0]
-
-    def log_integrals(self, radii: list[float], dots: list[float]) -> list[float]:
-        """:meth:`log_integral` for many rays in one vectorised call (the Gaussian radial
-        integral costs the same for one ray as for hundreds)."""
-        if not radii:
-            return []
-        if self.measure is Measure.GAUSSIAN:
-            const = -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * (self.norm_c / self.sigma) ** 2
-            rho = np.asarray(radii, dtype=np.float64) / self.sigma
-            beta = -np.asarray(dots, dtype=np.float64) / self.sigma
-            values = np.atleast_1d(log_radial_integral(rho, self.dim - 1.0, 1.0, beta))
-            return [const + float(v) for v in values]
-        return [
-            self.dim * math.log(r) - math.log(self.dim) if r > 0 else -math.inf for r in radii
-        ]
-
-    def run_group(self, ks: list[int], guess: float, slope: float) -> list[DirectionRecord]:
-        """Search directions ``ks`` together, evaluating their pending radii in one call."""
-        starts = self.rays.start_many(ks)
-        searches = [
-            radius_search(
-                self.cutoff,
-                guess=guess,
-                rtol=self.rtol,
-                slope=slope,
-                max_radius=self.max_radius,
-                max_evals=self.max_evals,
-            )
-            for _ in ks
-        ]
-        pending = {i: next(search) for i, search in enumerate(searches)}
-        rays_done: dict[int, RayResult] = {}
-        while pending:
-            slots = list(pending)
-            values = self.rays.values_at_many([(i, pending[i]) for i in slots])
-            for i, value in zip(slots, values, strict=True):
-                try:
-                    pending[i] = searches[i].send(value - self.f0)
-                except StopIteration as stop:
-                    rays_done[i] = stop.value
-                    del pending[i]
-        self.rays.restore()
-        # Every radius whose integral is needed (the estimate's, and the ends of the exact
-        # cutoff's interval), for all the group's directions in one vectorised call.
-        plans = [self._radii(rays_done[i], slope) for i in range(len(ks))]
-        flat = [r for plan in plans for r in plan]
-        dots = [starts[i].dot for i, plan in enumerate(plans) for _ in plan]
-        values = iter(self.log_integrals(flat, dots))
-        return [
-            self._record(k, starts[i], rays_done[i], [next(values) for _ in plans[i]])
-            for i, k in enumerate(ks)
-        ]
-
-    def _radii(self, ray: RayResult, slope: float) -> list[float]:
-        """``[radius]`` to integrate to, or ``[cutoff radius, low, high]`` for a converged ray
-        (:func:`~basin_volume.radius.exact_cutoff`)."""
-        if ray.status is RayStatus.CONVERGED:
-            own = abs(log_log_curvature(ray.points, self.cutoff))  # this ray's, if measured
-            curvature = max(self.curvature, 2.0 * own) if math.isfinite(own) else self.curvature
-            cut = exact_cutoff(ray.points, self.cutoff, slope=slope,
-                               slope_spread=self.slope_spread, curvature=curvature)  # fmt: skip
-            if cut is not None:
-                return [cut.radius, cut.low, cut.high]
-        return [ray.radius if ray.status is not RayStatus.NONFINITE else 0.0]
-
-    def _record(
-        self, k: int, ray_start: RayStart, ray: RayResult, lais: list[float]
-    ) -> DirectionRecord:
-        """The direction's record; a converged ray's estimate is taken where delta equals the
-        cutoff exactly, with the bound (nats) from the ends of its interval; ``radius`` and
-        ``delta`` stay the evaluated ones."""
-        radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-        lai, bound = lais[0], math.nan
-        if len(lais) == 3:
-            bound = max(abs(lais[1] - lai), abs(lais[2] - lai))
-        return _CutoffRecord(
-            index=k,
-            estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(ray_start.prop),
-            delta=ray.delta,
-            prop=ray_start.prop,
-            radius=radius,
-            logabsint=lai,
-            n_evals=ray.n_evals,
-            status=ray.status.value,
-            slope=ray.slope,
-            bound=bound,
-            curvature=log_log_curvature(ray.points, self.cutoff),
-        )
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-_WHY = {
-    "nonfinite": "nonfinite (radius 0, no mass): delta was NaN or inf at every radius tried",
-    "narrow": "nonfinite (radius 0, no mass): delta stayed above the cutoff down to radii "
-    "where theta0 + t*omega rounds to theta0 in the centre's dtype, so the basin is narrower "
-    "than float resolution along them (raise the cutoff, or use float64)",
-    "unbounded": "unbounded: delta stayed below the cutoff up to max_radius (radius inf)",
-    "max_evals": "max_evals: the evaluation budget ran out (the best bracket end is kept)",
-    "discontinuous": "discontinuous: delta jumps across the cutoff within float resolution "
-    "(the inner radius is kept)",
-}
-
-
-def _failures(result: VolumeResult) -> list[str]:
-    """One line per way directions failed: why, and which directions."""
-    groups: dict[str, list[int]] = {}
-    for k, status in enumerate(result.status):
-        if status == RayStatus.CONVERGED:
-            continue
-        if status == RayStatus.NONFINITE and math.isfinite(float(result.deltas[k])):
-            status = "narrow"  # the last finite delta was above the cutoff
-        groups.setdefault(status, []).append(k)
-    lines = []
-    for status, ks in groups.items():
-        shown = ", ".join(map(str, ks[:10])) + (f", ... ({len(ks)} in all)" if len(ks) > 10 else "")
-        lines.append(f"{_WHY.get(status, status)} [directions {shown}]")
-    return lines
-
-
-def _warn_about(result: VolumeResult) -> None:
-    if result.n_failed:
-        counts = {s: result.status.count(s) for s in set(result.status) if s != "converged"}
-        hint = (
-            "; unbounded rays make the uniform volume infinite"
-            if result.measure == "uniform" and "unbounded" in counts
-            else ""
-        )
-        warn_every_time(
-            f"{result.n_failed} of {result.n_samples} directions did not converge {counts}; "
-            f"they are included with the radius found (see result.status){hint}: "
-            + "; ".join(_failures(result)),
-            RadiusSearchWarning,
-            stacklevel=3,
-        )
-    result.warn_if_unreliable(stacklevel=3)

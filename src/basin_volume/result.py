@@ -12,34 +12,23 @@ share of the largest weight are reported with it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from scipy.stats import t as student_t
 
-from .checks import MAX_RTOL, MAX_SEED, as_number
-from .radius import RayStatus
+from . import result_file
+from .checks import as_number
+from .records import DirectionRecord, ResultFileError
+from .settings import first_difference
 
 __all__ = ["DirectionRecord", "LowESSWarning", "ResultFileError", "VolumeResult"]
 
-FORMAT = "basin_volume.VolumeResult"
-FORMAT_VERSION = 1
-_TENSOR_FIELDS = (
-    "estimates",
-    "deltas",
-    "props",
-    "mults",
-    "logabsint",
-    "n_evals",
-    "radii",
-    "slopes",
-)
 LOW_ESS = 5.0
 SMC_SPREAD = 2.0  # nats: replicas of a converged SMC run agree better than this
 
@@ -47,14 +36,6 @@ SMC_SPREAD = 2.0  # nats: replicas of a converged SMC run agree better than this
 class LowESSWarning(RuntimeWarning):
     """The importance weights are dominated by very few directions: the estimate is likely a
     lower bound and its interval too narrow."""
-
-
-class ResultFileError(ValueError):
-    """A results file is not a valid saved :class:`VolumeResult`."""
-
-
-_STATUSES = frozenset(s.value for s in RayStatus)
-_NOT_A_RESULT = "not a Tyche results file"
 
 
 def warn_every_time(message: str, category: type[Warning], *, stacklevel: int = 2) -> None:
@@ -105,84 +86,6 @@ def _logmeanexp(x: torch.Tensor) -> float:
     if x.numel() == 0:
         return math.nan
     return float(torch.logsumexp(x, 0) - math.log(x.numel()))
-
-
-def _encode(x: float | int) -> float | int | str:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
-def _decode(x: Any) -> float:
-    if isinstance(x, str):
-        if x in ("nan", "inf", "-inf"):
-            return float(x)
-        raise ResultFileError(f"expected a number or 'nan'/'inf'/'-inf', found {x!r}")
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        raise ResultFileError(f"expected a number, found {x!r}")
-    try:
-        return float(x)
-    except OverflowError:  # an integer beyond float range
-        raise ResultFileError(f"expected a number within float range, found {x!r}") from None
-
-
-@dataclass(frozen=True)
-class DirectionRecord:
-    """Everything kept about one direction (one row of a :class:`VolumeResult`)."""
-
-    index: int
-    estimate: float
-    delta: float
-    prop: float
-    radius: float
-    logabsint: float
-    n_evals: int
-    status: str
-    slope: float
-
-    def to_json(self) -> dict:
-        return {k: _encode(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> DirectionRecord:
-        try:
-            record = cls(
-                index=_integer(data["index"]),
-                estimate=float(_decode(data["estimate"])),
-                delta=float(_decode(data["delta"])),
-                prop=float(_decode(data["prop"])),
-                radius=float(_decode(data["radius"])),
-                logabsint=float(_decode(data["logabsint"])),
-                n_evals=_integer(data["n_evals"]),
-                status=data["status"],
-                slope=float(_decode(data["slope"])),
-            )
-        except (KeyError, TypeError, ResultFileError) as err:
-            raise ResultFileError(f"malformed direction record {data!r}: {err}") from None
-        problem = _record_problem(record)
-        if problem:
-            raise ResultFileError(f"malformed direction record {data!r}: {problem}")
-        return record
-
-
-def _integer(x: Any) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or not -(2**63) <= x < 2**63:
-        raise ResultFileError(f"expected a 64-bit integer, found {x!r}")
-    return x
-
-
-def _record_problem(r: DirectionRecord) -> str | None:
-    """What is impossible about one direction's values (``None`` when nothing)."""
-    checks = (
-        (r.index >= 0, f"index {r.index} is negative"),
-        (isinstance(r.status, str) and r.status in _STATUSES, f"unknown status {r.status!r}"),
-        (not math.isnan(r.estimate), "estimate is NaN"),
-        (r.prop > 0 and math.isfinite(r.prop), f"prop {r.prop!r} is not a positive number"),
-        (r.radius >= 0, f"radius {r.radius!r} is not >= 0"),
-        (not math.isnan(r.logabsint), "logabsint is NaN"),
-        (r.n_evals >= 0, f"n_evals {r.n_evals} is negative"),
-    )
-    return next((message for ok, message in checks if not ok), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,7 +162,7 @@ class VolumeResult:
         if self.method == "smc" and not self.replicas:
             raise ValueError("VolumeResult.replicas must hold the replicas' estimates for 'smc'")
         n = len(self.status)
-        for name in _TENSOR_FIELDS:
+        for name in result_file.TENSOR_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) or value.shape != (n,):
                 raise ValueError(f"VolumeResult.{name} must be a tensor of shape ({n},)")
@@ -508,18 +411,17 @@ class VolumeResult:
                     f"{', '.join(sorted(v[:16] + '...' for v in known))}; they measure "
                     f"different basins (another model, checkpoint or data)"
                 )
+        names = ("dim", "measure", "cutoff", "rtol", "method", "sigma")
         for other in results[1:]:
-            for name in ("dim", "measure", "cutoff", "rtol", "method"):
-                if getattr(other, name) != getattr(first, name):
-                    raise ValueError(
-                        f"cannot merge results with different {name}: "
-                        f"{getattr(first, name)!r} and {getattr(other, name)!r}"
-                    )
-            if not (math.isnan(first.sigma) and math.isnan(other.sigma)) and not math.isclose(
-                first.sigma, other.sigma, rel_tol=1e-12
-            ):
+            name = first_difference(first.__dict__, other.__dict__, names)
+            if name == "sigma":
                 raise ValueError(
                     f"cannot merge results with different sigma: {first.sigma} and {other.sigma}"
+                )
+            if name is not None:
+                raise ValueError(
+                    f"cannot merge results with different {name}: "
+                    f"{getattr(first, name)!r} and {getattr(other, name)!r}"
                 )
         seeds = [s for r in results for s in r.meta.get("merged_seeds", [r.seed])]
         if len(set(seeds)) != len(seeds):
@@ -549,39 +451,12 @@ class VolumeResult:
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (non-finite floats written as strings)."""
-        out: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                out[f.name] = [_encode(v) for v in value.tolist()]
-            elif isinstance(value, tuple):
-                out[f.name] = [_encode(v) if isinstance(v, float) else v for v in value]
-            elif isinstance(value, float):
-                out[f.name] = _encode(value)
-            else:
-                out[f.name] = value
-        out["log_volume"] = _encode(self.log_volume)
-        out["ess"] = _encode(self.ess)
-        out["low_ess"] = self.low_ess
-        return out
+        return result_file.to_dict(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the result as JSON (never pickle), atomically; nothing is left behind when
         writing fails."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            raise IsADirectoryError(
-                f"{path} is a folder; give a file name such as {os.path.join(path, 'result.json')}"
-            )
-        tmp = f"{path}.tmp"
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=1, default=str)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        result_file.save(self, path)
 
     @classmethod
     def from_dict(cls, data: dict) -> VolumeResult:
@@ -594,62 +469,7 @@ class VolumeResult:
             status, arrays of different lengths, ``dim < 1``, a NaN estimate, a stored
             ``log_volume`` or ``ess`` that the estimates do not give...).
         """
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ResultFileError(f"{_NOT_A_RESULT} (missing format={FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
-            raise ResultFileError(f"unsupported result version {data.get('version')!r}")
-        kwargs: dict[str, Any] = {}
-        try:
-            for name in _TENSOR_FIELDS:
-                values = data[name]
-                if not isinstance(values, list):
-                    raise ResultFileError(f"field {name!r} must be a list")
-                if name == "n_evals":
-                    kwargs[name] = torch.tensor(_field(name, _integer, values), dtype=torch.int64)
-                else:
-                    floats = _field(name, _decode, values)
-                    kwargs[name] = torch.tensor(floats, dtype=torch.float64)
-            status = data["status"]
-            if not isinstance(status, list) or not all(isinstance(s, str) for s in status):
-                raise ResultFileError("field 'status' must be a list of strings")
-            kwargs["status"] = tuple(status)
-            for name, kind in (("dim", int), ("measure", str), ("seed", int), ("meta", dict)):
-                if not isinstance(data[name], kind) or isinstance(data[name], bool):
-                    raise ResultFileError(f"field {name!r} must be {kind.__name__}")
-                kwargs[name] = data[name]
-            for name in ("cutoff", "sigma", "rtol"):
-                try:
-                    kwargs[name] = float(_decode(data[name]))
-                except ResultFileError as err:
-                    raise ResultFileError(f"field {name!r}: {err}") from None
-            kwargs["method"] = data.get("method", "is")  # files before SMC existed: "is"
-            if kwargs["method"] not in ("is", "smc"):
-                raise ResultFileError(
-                    f"field 'method' must be 'is' or 'smc', got {kwargs['method']!r}"
-                )
-            replicas = data.get("replicas", [])
-            if not isinstance(replicas, list) or (kwargs["method"] == "smc") != bool(replicas):
-                raise ResultFileError(
-                    "field 'replicas' must be a list of numbers, non-empty exactly when "
-                    "method is 'smc'"
-                )
-            try:
-                kwargs["replicas"] = tuple(float(_decode(v)) for v in replicas)
-            except ResultFileError as err:
-                raise ResultFileError(f"field 'replicas': {err}") from None
-        except KeyError as err:
-            raise ResultFileError(f"missing field {err.args[0]!r}") from None
-        lengths = {name: len(kwargs[name]) for name in (*_TENSOR_FIELDS, "status")}
-        if len(set(lengths.values())) > 1:
-            raise ResultFileError(
-                f"the per-direction fields have different lengths {lengths}; every one must "
-                "hold one entry per direction"
-            )
-        _check_settings(kwargs)
-        result = cls(**kwargs)
-        _check_directions(result)
-        _check_derived(result, data)
-        return result
+        return result_file.from_dict(cls, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VolumeResult:
@@ -661,108 +481,6 @@ class VolumeResult:
             When the file is not a valid results file (not JSON text, a run log, a field
             missing or out of range), naming the file and the field.
         """
-        where = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except UnicodeDecodeError:
-            raise ResultFileError(
-                f"{where}: {_NOT_A_RESULT} (it is binary, not JSON text; results are never "
-                "pickled)"
-            ) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            if _is_run_log(text):
-                raise ResultFileError(
-                    f"{where} is a run log (one JSON line per direction), not a results file; "
-                    "read it with basin_volume.load_result"
-                ) from None
-            raise ResultFileError(f"{where}: {_NOT_A_RESULT} (not valid JSON: {err})") from None
-        try:
-            return cls.from_dict(data)
-        except ResultFileError as err:
-            raise ResultFileError(f"{where}: {err}") from None
+        return result_file.load(cls, path)
 
 
-def _is_run_log(text: str) -> bool:
-    try:
-        header = json.loads(text.split("\n", 1)[0])
-    except json.JSONDecodeError:
-        return False
-    return isinstance(header, dict) and header.get("format") == "basin_volume.run"
-
-
-def _field(name: str, convert, values: list) -> list:
-    """``convert`` applied to every entry of field ``name``, errors naming the field."""
-    out = []
-    for k, v in enumerate(values):
-        try:
-            out.append(convert(v))
-        except ResultFileError as err:
-            raise ResultFileError(f"entry {k} of field {name!r}: {err}") from None
-    return out
-
-
-def _check_settings(kwargs: dict) -> None:
-    """The run's settings are in range (as the estimator would have accepted them)."""
-    measure, sigma = kwargs["measure"], kwargs["sigma"]
-    gaussian_sigma = math.isfinite(sigma) and sigma > 0
-    checks = (
-        ("dim", 1 <= kwargs["dim"] < 2**63, "a positive 64-bit integer"),
-        ("measure", measure in ("gaussian", "uniform"), "'gaussian' or 'uniform'"),
-        ("cutoff", math.isfinite(kwargs["cutoff"]) and kwargs["cutoff"] > 0, "a positive number"),
-        ("rtol", 0 < kwargs["rtol"] <= MAX_RTOL, f"a number in (0, {MAX_RTOL}]"),
-        ("seed", 0 <= kwargs["seed"] <= MAX_SEED, "an integer in 0 ... 2**63 - 1"),
-        (
-            "sigma",
-            gaussian_sigma if measure == "gaussian" else gaussian_sigma or math.isnan(sigma),
-            "a positive number (NaN for the uniform measure)",
-        ),
-    )
-    for name, ok, what in checks:
-        if not ok:
-            raise ResultFileError(f"field {name!r} must be {what}, found {kwargs[name]!r}")
-    bad = [s for s in kwargs["status"] if s not in _STATUSES]
-    if bad:
-        raise ResultFileError(
-            f"field 'status' holds unknown status {bad[0]!r}; known: {sorted(_STATUSES)}"
-        )
-
-
-def _check_directions(result: VolumeResult) -> None:
-    """Every direction's values are possible."""
-    for record in result.records():
-        problem = _record_problem(record)
-        if problem:
-            raise ResultFileError(f"direction {record.index}: {problem}")
-    radii = result.mults * result.props
-    ok = (radii == result.radii) | torch.isclose(radii, result.radii, rtol=1e-9, atol=0.0)
-    if not bool(ok.all()):
-        k = int((~ok).nonzero()[0])
-        raise ResultFileError(
-            f"entry {k} of field 'mults' ({float(result.mults[k])!r}) is not radii / props "
-            f"({float(result.radii[k])!r} / {float(result.props[k])!r})"
-        )
-
-
-def _check_derived(result: VolumeResult, data: dict) -> None:
-    """Stored summaries (``log_volume``, ``ess``, ``low_ess``) agree with the estimates."""
-    for name in ("log_volume", "ess"):
-        if name not in data:
-            continue
-        try:
-            stored = float(_decode(data[name]))
-        except ResultFileError as err:
-            raise ResultFileError(f"field {name!r}: {err}") from None
-        actual = getattr(result, name)
-        same = stored == actual or (math.isnan(stored) and math.isnan(actual))
-        if not (same or math.isclose(stored, actual, rel_tol=1e-9, abs_tol=1e-12)):
-            raise ResultFileError(
-                f"field {name!r} is {stored!r} but the estimates give {actual!r}; the file "
-                "was altered or damaged"
-            )
-    if "low_ess" in data and data["low_ess"] is not result.low_ess:
-        raise ResultFileError(
-            f"field 'low_ess' is {data['low_ess']!r} but the estimates give {result.low_ess!r}"
-        )
