@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loose-rtol", type=float, default=5e-2)
-    parser.add_argument("--throughput-samples", type=int, default=16 + 256)
+    parser.add_argument("--throughput-samples", type=int, default=16 + 1024)
     parser.add_argument("--lm-throughput-samples", type=int, default=16 + 48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-throughput", action="store_true")
