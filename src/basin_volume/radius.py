@@ -217,9 +217,7 @@ def radius_search(
         else:
             hi_t, hi_d = t, d
         if hi_t <= lo_t * (1.0 + 4.0 * math.ulp(1.0)):
-            return RayResult(
-                lo_t, lo_d, n, RayStatus.DISCONTINUOUS, measured_slope, tuple(points)
-            )
+            return RayResult(lo_t, lo_d, n, RayStatus.DISCONTINUOUS, measured_slope, tuple(points))
 
         if not math.isfinite(d):  # certainly outside, and no scale information: shrink
             factor = 1.0 / _GROW_BLIND

@@ -293,9 +293,7 @@ class _Problem:
             beta = -np.asarray(dots, dtype=np.float64) / sigma
             values = np.atleast_1d(log_radial_integral(rho, self.dim - 1.0, 1.0, beta))
             return [const + float(v) for v in values]
-        return [
-            self.dim * math.log(r) - math.log(self.dim) if r > 0 else -math.inf for r in radii
-        ]
+        return [self.dim * math.log(r) - math.log(self.dim) if r > 0 else -math.inf for r in radii]
 
     def run_group(self, ks: list[int], guess: float, slope: float) -> list[DirectionRecord]:
         """Search directions ``ks`` together, evaluating their pending radii in one call."""
