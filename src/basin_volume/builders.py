@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import torch
 
+from .basins import Basin, causal_objective, classifier_objective
+from .basins import fisher_inputs as _fisher_inputs
 from .config import ModelType, VolumeConfig
 from .devices import default_device
-from .objectives import ClassifierKL
 from .parameters import (
     preserved,
 )
@@ -26,17 +27,13 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
     if config.inputs is None:
         raise ValueError(
             f"inputs is required for model_type={config.model_type.value!r}: pass inputs=<tensor>"
+            " or a DataLoader"
         )
     with preserved(config.model):
-        fn = ClassifierKL(
-            config.model,
-            config.inputs,
-            batch_size=config.data_batch_size,
-            compile=config.compile,
-            parameters=config.parameters,
-        )
-    n_classes = fn.ref_logp[0].shape[-1]
-    if isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
+        fn = classifier_objective(config)
+    ref = getattr(fn, "ref_logp", None)  # the KL basin's cached centre
+    n_classes = ref[0].shape[-1] if ref else 0
+    if ref and isinstance(config.cutoff, int | float) and config.cutoff >= math.log(n_classes):
         warnings.warn(
             f"cutoff={config.cutoff:g} nats is at least log({n_classes}) = "
             f"{math.log(n_classes):.3g}, the KL from the centre to a constant uniform "
@@ -45,7 +42,7 @@ def _classifier(config: VolumeConfig) -> VolumeEstimator:
             UserWarning,
             stacklevel=3,
         )
-    return VolumeEstimator(config, config.model, fn, fisher_inputs=config.inputs)
+    return VolumeEstimator(config, config.model, fn, fisher_inputs=_fisher_inputs(config, fn))
 
 
 def _convnext(config: VolumeConfig) -> VolumeEstimator:
@@ -78,49 +75,40 @@ def _mlp(config: VolumeConfig) -> VolumeEstimator:
     from .digits import train_digits_mlp
 
     model, inputs, optimizer = config.model, config.inputs, config.optimizer
+    labels = config.labels
     if model is None or inputs is None:
         run = train_digits_mlp(seed=config.seed)
         if model is None:  # the optimizer that trained it comes along
             model, optimizer = run.model, run.optimizer if optimizer is None else optimizer
+        if inputs is None and config.basin is Basin.LOSS and labels is None:
+            labels = run.train_labels  # the loss basin of the training digits
         inputs = run.train_inputs if inputs is None else inputs
-    return _classifier(config.replace(model=model, inputs=inputs, optimizer=optimizer))
+    return _classifier(
+        config.replace(model=model, inputs=inputs, optimizer=optimizer, labels=labels)
+    )
 
 
 def _causal(config: VolumeConfig) -> VolumeEstimator:
-    from .causal import causal_lm_objective
-
     if config.model is None:
         raise ValueError(
             "model is required for model_type='causal': pass a Hugging Face causal LM, e.g. "
             "AutoModelForCausalLM.from_pretrained(name), or use model_type='pythia'"
         )
-    if config.tokenizer is None:
+    if config.tokenizer is None and config.inputs is None:
         raise ValueError(
             "tokenizer is required for model_type='causal': pass the model's tokenizer, e.g. "
             "AutoTokenizer.from_pretrained(name)"
         )
-    if config.dataset is None:
+    if config.dataset is None and config.inputs is None:
         raise ValueError(
             f"dataset is required for model_type={config.model_type.value!r}: pass texts, e.g. "
-            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"
+            "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column (or "
+            "inputs=<token batches with input_ids and attention_mask>)"
         )
     mbs = config.model_batch_size
     if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
         raise ValueError(f"model_batch_size must be a positive integer, got {mbs!r}")
-    fn = causal_lm_objective(
-        config.model,
-        config.tokenizer,
-        config.dataset,
-        text_key=config.text_key,
-        val_size=config.val_size,
-        max_seq_len=config.max_seq_len,
-        chunking=config.chunking,
-        data_batch_size=config.data_batch_size,
-        cache_mode=config.cache_mode,
-        cache_budget_bytes=config.cache_budget_bytes,
-        compile=config.compile,
-        parameters=config.parameters,
-    )
+    fn = causal_objective(config)
     return VolumeEstimator(config, fn.model, fn, fisher_inputs=fn)
 
 
@@ -133,7 +121,7 @@ def _pythia(config: VolumeConfig) -> VolumeEstimator:
             "checkpoint_step; leave model and tokenizer unset, or use model_type='causal' "
             "to pass your own"
         )
-    if config.dataset is None:  # checked before a download, not after
+    if config.dataset is None and config.inputs is None:  # checked before a download
         raise ValueError(
             "dataset is required for model_type='pythia': pass validation texts, e.g. "
             "datasets.Dataset.from_dict({'text': [...]}), with text_key naming the column"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import checks
+from .basins import Basin, check_basin_settings
 from .parameters import (
     compile_options,
 )
@@ -85,9 +86,13 @@ class VolumeConfig:
         ``None``/``"none"`` to recompute them).
     model_type : str
         One of :class:`ModelType`.
-    inputs : torch.Tensor, optional
-        Classifier inputs for the KL basin (``model_type="classifier"``; for ``"mlp"`` the
-        training digits by default).
+    inputs : tensor, DataLoader or iterable of batches, optional
+        The evaluation data. Classifiers (``model_type="classifier"``; for ``"mlp"`` the
+        training digits by default): a tensor, or a :class:`torch.utils.data.DataLoader` /
+        iterable of tensors, ``(x, y)`` tuples or dicts of model keyword arguments, streamed
+        one batch at a time (:mod:`basin_volume.inputs`). Causal LMs: token batches (dicts
+        with ``input_ids`` and ``attention_mask``, or ``input_ids``) instead of
+        ``tokenizer`` and ``dataset``.
     n_samples, cutoff, measure, sigma, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
     preconditioner : tensor or Preconditioner, optional
@@ -147,6 +152,16 @@ class VolumeConfig:
         count in ``D``), ``"all"``, a list of names from ``model.named_parameters()``, or a
         predicate ``(name, parameter) -> bool``. The result records the choice in
         ``meta["parameters"]``.
+    basin : {"kl", "loss"}
+        The KL basin (default), or the loss basin :math:`L(\theta) - L(\theta_0) \le
+        \varepsilon` (:class:`~basin_volume.basins.Basin`): cross-entropy against ``labels``
+        for classifiers, next-token cross-entropy for causal LMs, or ``loss_fn``.
+    labels : torch.Tensor, optional
+        ``basin="loss"`` with tensor ``inputs``: one label per input (with batches, labels come
+        from ``(x, y)`` tuples or a ``labels`` entry).
+    loss_fn : callable, optional
+        ``basin="loss"``: ``loss_fn(outputs, labels) -> mean loss of a batch`` instead of the
+        cross-entropy (see :mod:`basin_volume.basins`).
     """
 
     model: Any = None
@@ -160,7 +175,7 @@ class VolumeConfig:
     cache_mode: str | None = "auto"
     chunking: bool = False
     model_type: ModelType | str = ModelType.CAUSAL
-    inputs: torch.Tensor | None = None
+    inputs: Any = None
     measure: Measure | str = Measure.GAUSSIAN
     sigma: float | None = None
     preconditioner: Any = None
@@ -181,6 +196,9 @@ class VolumeConfig:
     low_memory: bool | None = None
     compile: bool | dict = False
     parameters: Any = "trainable"
+    basin: Basin | str = Basin.KL
+    labels: Any = None
+    loss_fn: Any = None
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -244,6 +262,9 @@ class VolumeConfig:
             checks.check_positive("sigma", self.sigma)
         for name in ("data_batch_size", "model_batch_size"):
             checks.check_positive(name, getattr(self, name), integer=True)
+        object.__setattr__(
+            self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
+        )
         try:
             Measure(self.measure)
         except ValueError:

@@ -163,6 +163,8 @@ def estimate(
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
+    Numbers may be Python, numpy or 0-d torch scalars.
+
     Parameters
     ----------
     fn : callable
@@ -231,8 +233,6 @@ def estimate(
         Independent SMC runs pooled into the estimate; their spread gives the interval.
     n_moves : int
         Metropolis-Hastings moves per particle and level (``method="smc"``).
-
-    Numbers may be Python, numpy or 0-d torch scalars.
 
     Returns
     -------

@@ -9,15 +9,19 @@ The KL basin of a classifier is
     = \frac1N \sum_x \sum_c p_{\theta_0}(c\mid x)\big(\log p_{\theta_0}(c\mid x) -
         \log p_\theta(c\mid x)\big),
 
-in nats. The centre's log-probabilities are computed once and cached.
+in nats. The centre's log-probabilities are computed once and cached. The inputs may be a
+tensor, a DataLoader or any iterable of batches (:mod:`basin_volume.inputs`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from .devices import wide_dtype
+from .inputs import Batch, Batches
 from .parameters import FlatParameters, ParameterSelection
 
 __all__ = ["ClassifierKL", "kl_from_logprobs"]
@@ -41,11 +45,14 @@ class ClassifierKL:
     model : torch.nn.Module
         Maps a batch of ``inputs`` to logits ``[batch, classes]`` (a tensor, or an output
         with ``.logits`` such as a transformers image classifier's).
-    inputs : torch.Tensor
-        Evaluation inputs (first axis is the batch), moved to the model's device (and, if
-        floating point, cast to the parameters' dtype).
+    inputs : tensor, DataLoader or iterable of batches
+        Evaluation inputs: a tensor whose first axis indexes examples (moved to the model's
+        device once), or a :class:`torch.utils.data.DataLoader` / iterable of tensors,
+        ``(x, y)`` tuples or dicts of model keyword arguments, streamed one batch at a time
+        (see :mod:`basin_volume.inputs`). Floating-point inputs are cast to the parameters'
+        dtype; labels in the batches are ignored.
     batch_size : int
-        Inputs per forward pass.
+        Inputs per forward pass for a tensor (a loader keeps its own batches).
     compile : bool or dict, optional
         Evaluate the model through :func:`torch.compile` (see
         :class:`~basin_volume.parameters.FlatParameters`).
@@ -57,13 +64,13 @@ class ClassifierKL:
     def __init__(
         self,
         model: nn.Module,
-        inputs: torch.Tensor,
+        inputs: Any,
         *,
         batch_size: int = 4096,
         compile: bool | dict | None = None,
         parameters: ParameterSelection = "trainable",
     ):
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+        if isinstance(inputs, torch.Tensor) and (inputs.ndim < 1 or len(inputs) == 0):
             raise ValueError(
                 "inputs must be a non-empty tensor whose first axis indexes examples, got "
                 f"{type(inputs).__name__} of shape {getattr(inputs, 'shape', None)}"
@@ -71,38 +78,41 @@ class ClassifierKL:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data_batch_size must be a positive integer, got {batch_size!r}")
         self.params = FlatParameters(model, compile=compile, parameters=parameters)
-        dtype = self.params.dtype if inputs.is_floating_point() else inputs.dtype
-        self.inputs = inputs.to(self.params.device, dtype)
+        self.data = Batches(
+            inputs, batch_size=batch_size, device=self.params.device, dtype=self.params.dtype
+        )
         self.batch_size = batch_size
         with torch.no_grad():
-            self.ref_logp = [self._logp(None, x) for x in self._batches()]
+            self.ref_logp = [self._logp(None, b) for b in self.data]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """All inputs as one tensor (for tensor inputs and ``(x, y)`` batches)."""
+        return self.data.stacked_inputs()
 
     @property
     def center(self) -> torch.Tensor:
         """A flat copy of the model's parameters (made on each access)."""
         return self.params.center()
 
-    def _batches(self):
-        return self.inputs.split(self.batch_size)
-
-    def _logp(self, theta: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        out = self.params.call(theta, x)
+    def _logp(self, theta: torch.Tensor | None, batch: Batch) -> torch.Tensor:
+        out = self.params.call(theta, *batch.args, **batch.kwargs)
         logits = getattr(out, "logits", out)  # transformers' classifier outputs carry .logits
         if (
             not isinstance(logits, torch.Tensor)
             or logits.ndim != 2
-            or logits.shape[0] != x.shape[0]
+            or logits.shape[0] != batch.size
         ):
             raise ValueError(
                 f"model must map a batch of inputs to logits [batch, classes]; got shape "
-                f"{tuple(getattr(logits, 'shape', ()))} for a batch of {x.shape[0]}"
+                f"{tuple(getattr(logits, 'shape', ()))} for a batch of {batch.size}"
             )
         return torch.log_softmax(logits.to(wide_dtype(logits.device)), dim=-1)
 
     def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Mean KL at ``theta`` (``None``: the parameters currently in the model)."""
         parts = [
-            kl_from_logprobs(ref, self._logp(theta, x))
-            for ref, x in zip(self.ref_logp, self._batches(), strict=True)
+            kl_from_logprobs(ref, self._logp(theta, b))
+            for ref, b in zip(self.ref_logp, self.data, strict=True)
         ]
-        return torch.stack(parts).sum() / len(self.inputs)
+        return torch.stack(parts).sum() / self.data.n_examples

@@ -11,6 +11,7 @@ train/eval flags of every submodule, whatever happens inside it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -29,8 +30,10 @@ __all__ = [
 
 ParameterSelection = str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 """Which parameters make up the basin's coordinates: ``"trainable"`` (``requires_grad``),
-``"all"``, a list of names from ``model.named_parameters()``, or a predicate
-``(name, parameter) -> bool``."""
+``"all"``, a list of names from ``model.named_parameters()`` or glob patterns over them
+(``"transformer.h.*.mlp.*"``), or a predicate ``(name, parameter) -> bool``."""
+
+_GLOB = frozenset("*?[")
 
 _HASH_CHUNK = 1 << 22
 
@@ -46,7 +49,10 @@ def select_parameters(
     parameters : "trainable", "all", list of str, or callable
         ``"trainable"`` (default): those with ``requires_grad=True`` (frozen ones keep their
         values and are not counted in ``D``); ``"all"``; a list of names from
-        ``model.named_parameters()``; or a predicate ``(name, parameter) -> bool``.
+        ``model.named_parameters()`` and/or glob patterns over them (:mod:`fnmatch`, case
+        sensitive; ``*`` also matches dots, so ``"transformer.h.*.mlp.*"`` selects every
+        layer's MLP); or a predicate ``(name, parameter) -> bool``. A list selects
+        parameters whether or not they are trainable.
 
     Returns
     -------
@@ -55,7 +61,8 @@ def select_parameters(
     Raises
     ------
     ValueError
-        When the selection is not one of these, names an unknown parameter, or selects none.
+        When the selection is not one of these, has a name or pattern that matches no
+        parameter, or selects none.
     """
     named = list(model.named_parameters())
     if not named:
@@ -76,14 +83,25 @@ def select_parameters(
     if callable(parameters):
         chosen = [(n, p) for n, p in named if parameters(n, p)]
     elif isinstance(parameters, Sequence) and all(isinstance(n, str) for n in parameters):
-        known = {n for n, _ in named}
-        unknown = [n for n in parameters if n not in known]
+        names = [n for n, _ in named]
+        known = set(names)
+        wanted: set[str] = set()
+        unknown = []
+        for entry in parameters:
+            if entry in known:
+                wanted.add(entry)
+            elif _GLOB & set(entry) and (
+                hits := [n for n in names if fnmatch.fnmatchcase(n, entry)]
+            ):
+                wanted.update(hits)
+            else:
+                unknown.append(entry)
         if unknown:
             raise ValueError(
-                f"parameters names {unknown[:3]} that the model does not have; use names "
-                f"from model.named_parameters(), e.g. {[n for n, _ in named[:3]]}"
+                f"parameters has names or patterns {unknown[:3]} that match none of the "
+                f"model's parameters; use names from model.named_parameters() or glob "
+                f"patterns over them, e.g. {names[:3]}"
             )
-        wanted = set(parameters)
         chosen = [(n, p) for n, p in named if n in wanted]
     else:
         raise ValueError(

@@ -88,12 +88,15 @@ class VolumeEstimator:
         """``meta["parameters"]``: which parameters were measured and which were left out."""
         chosen = self.selected_parameters()
         names = {n for n, _ in chosen}
-        return {
+        out = {
             "selection": describe_selection(self.config.parameters),
             "tensors": len(chosen),
             "dim": sum(p.numel() for _, p in chosen),
             "excluded": [n for n, _ in self.model.named_parameters() if n not in names],
         }
+        if out["selection"] == "names":  # the names and glob patterns as given
+            out["names"] = [str(n) for n in self.config.parameters]
+        return out
 
     @classmethod
     def from_config(cls, config: VolumeConfig) -> VolumeEstimator:

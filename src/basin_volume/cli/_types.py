@@ -88,6 +88,19 @@ def _eps(text: str) -> float | str:
     return "prior" if text == "prior" else _nonnegative_float(text)
 
 
+def _parameters(text: str) -> str | list[str]:
+    """``--parameters``: ``trainable``, ``all``, or comma-separated names / glob patterns."""
+    text = text.strip()
+    if text in ("trainable", "all"):
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            "give trainable, all, or comma-separated parameter names or glob patterns"
+        )
+    return names
+
+
 # ---------------------------------------------------------------------------- loading: data
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()

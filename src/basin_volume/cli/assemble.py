@@ -72,7 +72,7 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
                     optimizer=optimizer,
                     cutoff=cutoff,
                     sigma=args.sigma,
-                    parameters=loaded.config.get("parameters", "trainable"),
+                    parameters=args.parameters or loaded.config.get("parameters", "trainable"),
                     **tuning,
                 )
         except (TypeError, ValueError, KeyError, OSError) as err:
@@ -116,6 +116,7 @@ def _spec(args, model_type: str) -> dict:
         "device",
         "digits_steps",
         "digits_seed",
+        "parameters",
     )
     spec = {k: getattr(args, k, None) for k in keys}
     spec["model_type"] = model_type
@@ -162,6 +163,12 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     given["progress"] = not args.quiet
     pre = _preconditioner_fields(args, loaded)
     if loaded.estimate is not None:
+        if args.parameters is not None:
+            raise UsageError(
+                "--parameters",
+                f"--model {args.model} returns fn and center, not a model whose parameters "
+                "could be chosen; leave --parameters out",
+            )
         arguments = {**_ESTIMATION_DEFAULTS, **loaded.estimate, **given, **pre}
         arguments.pop("model_type", None)
         return arguments
@@ -183,6 +190,8 @@ def _source(args, loaded: LoadedModel, dataset, overrides: dict | None = None):
     if args.cache_mode is not None:
         fields["cache_mode"] = None if args.cache_mode == "none" else args.cache_mode
     fields.update(pre)
+    if args.parameters is not None:
+        fields["parameters"] = args.parameters
     fields["model_type"] = loaded.model_type
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -200,6 +209,8 @@ def _option_for(message: str) -> str:
     """The command-line option a :class:`~basin_volume.VolumeConfig` error is about."""
     if "adaptive" in message:
         return "--preconditioner"
+    if message.startswith("parameters"):
+        return "--parameters"
     field = message.split(" ", 1)[0]
     options = ("n_samples", "cutoff", "sigma", "rtol", "seed", "measure", "data_batch_size")
     return "--" + field.replace("_", "-") if field in options else "--model-type"
@@ -266,6 +277,10 @@ def _run_mapped(run: Callable, *, output_option: str = "--output"):
         if "model_type" not in str(err):
             raise
         raise UsageError("--model-type", _first_line(err)) from None
+    except ValueError as err:  # a --parameters selection the model does not match
+        if not str(err).startswith("parameters "):
+            raise
+        raise UsageError("--parameters", _first_line(err)) from None
     except FileExistsError as err:
         raise UsageError(
             output_option, f"{_first_line(err)}; add --resume or --overwrite"

@@ -13,6 +13,7 @@ from ._types import (
     MODEL_TYPES,
     PRECONDITIONERS,
     _eps,
+    _parameters,
     _Parser,
     _positive_float,
     _positive_int,
@@ -185,6 +186,13 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         type=_seed,
         help="seed of the random directions, 0 to 2^63-1; direction k depends only on it and "
         "k (default 0)",
+    )
+    g.add_argument(
+        "--parameters",
+        type=_parameters,
+        help="which parameters are the basin's coordinates: trainable (default: those with "
+        "requires_grad), all, or comma-separated names and glob patterns, e.g. "
+        "'gpt_neox.layers.*.mlp.*' (the prior, the preconditioner and D follow)",
     )
     pg = p.add_argument_group("preconditioner (importance sampling of directions)")
     pg.add_argument(

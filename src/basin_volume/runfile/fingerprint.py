@@ -79,6 +79,17 @@ def _data_fingerprint(cfg: VolumeConfig) -> str | None:
         digest.update(f"inputs:{cfg.inputs.dtype}:{list(cfg.inputs.shape)}:".encode())
         _update(digest, cfg.inputs)
         used = True
+    elif cfg.inputs is not None:  # a DataLoader or batches
+        from ..inputs import batches_sha256, is_batch_source
+
+        if is_batch_source(cfg.inputs):
+            digest.update(f"batches:{batches_sha256(cfg.inputs)}:".encode())
+            used = True
+    if getattr(cfg.basin, "value", cfg.basin) == "loss":  # KL runs keep their old digests
+        digest.update(f"loss:{type(cfg.loss_fn).__name__}:".encode())
+        if isinstance(cfg.labels, torch.Tensor):
+            _update(digest, cfg.labels)
+        used = True
     if cfg.dataset is not None:
         limit = 100_000 if cfg.chunking else int(cfg.val_size)
         try:

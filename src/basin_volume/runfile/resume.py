@@ -106,6 +106,7 @@ RESUME_FREE = frozenset(
     | {"model_batch_size", "low_memory", "model", "tokenizer", "dataset", "inputs"}
     | {"preconditioner", "sigma", "optimizer", "optimizer_state", "fn", "compile"}
     | {"parameters", "device", "quiet", "output", "resume", "overwrite", "data", "output_dir"}
+    | {"basin", "labels", "loss_fn"}  # through the data fingerprint, so old logs resume
 )
 """Configuration fields and command-line entries that may change on resume: they do not
 change any direction's result beyond float rounding (the model, data, preconditioner and sigma
