@@ -129,8 +129,8 @@ class VolumeConfig:
     model_batch_size : int
         Directions whose pending radii are evaluated in one vmapped call (see
         :func:`basin_volume.estimate`); falls back to one at a time, with a warning, for models
-        that ``torch.func.vmap`` cannot batch. In the memory-light mode the directions of a
-        group are evaluated one after the other (the model holds one point).
+        that ``torch.func.vmap`` cannot batch. In the memory-light mode the points are
+        built in one ``[B, D]`` buffer, ``B`` cut to what a quarter of the free memory holds.
     model_name : str, optional
         ``model_type="pythia"``: ``"14m"``, ``"70m"``, ``"160m-deduped"``... for
         ``EleutherAI/pythia-{model_name}`` on the hub, a hub id, or a local directory;

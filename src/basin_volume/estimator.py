@@ -264,7 +264,11 @@ def estimate(
     -------
     VolumeResult
         ``meta["center_sha256"]`` fingerprints the centre, so a result is never resumed
-        (``resume_from``) or merged with another basin's.
+        (``resume_from``) or merged with another basin's. With ``method="is"`` a converged
+        direction's estimate is taken where delta equals the cutoff exactly
+        (:func:`~basin_volume.radius.exact_cutoff`; ``radii`` and ``deltas`` stay the
+        evaluated point), and ``meta["cutoff_bound"]`` holds each direction's bound in nats
+        on that interpolation and their mean.
 
     Warns
     -----

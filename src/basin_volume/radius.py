@@ -6,17 +6,41 @@ f(\theta_0)` is close to quadratic near the centre, so :math:`\log\delta` is nea
 secant steps in log-log space (the slope re-estimated from the last two evaluations), kept
 inside a bracket ``inside < r < outside``, and stops at the first evaluated radius with
 :math:`|\delta(r) - \varepsilon| \le \mathrm{rtol}\cdot\varepsilon`. The radius it returns is
-always one whose :math:`\delta` was evaluated, and that :math:`\delta` is returned with it.
+always one whose :math:`\delta` was evaluated, and that :math:`\delta` is returned with it, with
+every point evaluated along the ray.
+
+:func:`exact_cutoff` then places the radius where :math:`\delta` equals the cutoff *exactly*,
+from those points, with an interval that contains it under a stated assumption: write
+:math:`g(x) = \log\delta(e^x)`. Between two evaluated points on either side of the cutoff
+(both checked) the root is found by linear interpolation of :math:`g` (log-log
+interpolation); the error of a linear interpolant of a function with :math:`|g''| \le M` is at
+most :math:`\tfrac M2 (x - x_a)(x_b - x)`, so the root moves by at most that over the slope
+:math:`g'`, and never out of the bracket (which holds a crossing whenever :math:`\delta` is
+continuous). From two points on one side the same formula bounds the secant's extrapolation.
+From a single point the root is extrapolated with the slope learned from earlier directions,
+and the bound is the distance to the cutoff times the relative uncertainty of that slope.
+For :math:`\delta = \sum_p c_p t^p` with :math:`c_p \ge 0` (a quadratic basin with
+higher-order terms), :math:`g''` is the variance of the exponent :math:`p` under weights
+:math:`c_p t^p`, at most :math:`(p_{max} - p_{min})^2 / 4`: the default :math:`M = 1` covers
+exponents from 2 to 4.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["RayResult", "RayStatus", "find_radius", "radius_search"]
+__all__ = [
+    "CutoffRadius",
+    "RayResult",
+    "RayStatus",
+    "exact_cutoff",
+    "find_radius",
+    "log_log_curvature",
+    "radius_search",
+]
 
 _MIN_SLOPE, _MAX_SLOPE = 0.1, 20.0  # range of the slope assumed before one is measured
 _MAX_STEP = 1e3  # largest factor by which one step may grow or shrink the radius
@@ -61,6 +85,8 @@ class RayResult:
     slope : float
         Log-log slope d log delta / d log t measured near the end (``nan`` if unknown); a good
         starting slope for the next direction.
+    points : tuple of (float, float)
+        Every ``(t, delta)`` evaluated, in order (for :func:`exact_cutoff`).
     """
 
     radius: float
@@ -68,6 +94,7 @@ class RayResult:
     n_evals: int
     status: RayStatus
     slope: float
+    points: tuple[tuple[float, float], ...] = ()
 
 
 def _finite_positive(d: float) -> bool:
@@ -170,14 +197,19 @@ def radius_search(
     measured_slope = math.nan
     same_side, was_inside = 0, False  # consecutive evaluations on one side of the root
     widths: list[float] = []  # log widths of the bracket since the last bisection
+    points: list[tuple[float, float]] = []
     t = min(max(guess, math.ulp(0.0)), max_radius)
     for n in range(1, max_evals + 1):
         d = float((yield t))
+        points.append((t, d))
         if math.isfinite(d) and abs(d - cutoff) <= rtol * cutoff:
-            return RayResult(t, d, n, RayStatus.CONVERGED, measured_slope)
+            if last is not None and _finite_positive(d) and _finite_positive(last[1]):
+                k = math.log(d / last[1]) / math.log(t / last[0])  # the slope is learned
+                measured_slope = k if math.isfinite(k) and k > 0 else measured_slope
+            return RayResult(t, d, n, RayStatus.CONVERGED, measured_slope, tuple(points))
         inside = math.isfinite(d) and d < cutoff
         if inside and t >= max_radius:
-            return RayResult(math.inf, d, n, RayStatus.UNBOUNDED, measured_slope)
+            return RayResult(math.inf, d, n, RayStatus.UNBOUNDED, measured_slope, tuple(points))
         same_side = same_side + 1 if n > 1 and inside == was_inside else 0
         was_inside = inside
         if inside:
@@ -185,7 +217,7 @@ def radius_search(
         else:
             hi_t, hi_d = t, d
         if hi_t <= lo_t * (1.0 + 4.0 * math.ulp(1.0)):
-            return RayResult(lo_t, lo_d, n, RayStatus.DISCONTINUOUS, measured_slope)
+            return RayResult(lo_t, lo_d, n, RayStatus.DISCONTINUOUS, measured_slope, tuple(points))
 
         if not math.isfinite(d):  # certainly outside, and no scale information: shrink
             factor = 1.0 / _GROW_BLIND
@@ -221,8 +253,110 @@ def radius_search(
         best_t, best_d = lo_t, lo_d
         if math.isfinite(hi_d) and math.isfinite(hi_t) and abs(hi_d - cutoff) < abs(lo_d - cutoff):
             best_t, best_d = hi_t, hi_d
-        return RayResult(best_t, best_d, max_evals, RayStatus.MAX_EVALS, measured_slope)
+        return RayResult(
+            best_t, best_d, max_evals, RayStatus.MAX_EVALS, measured_slope, tuple(points)
+        )
     if math.isfinite(hi_d):
-        return RayResult(hi_t, hi_d, max_evals, RayStatus.MAX_EVALS, measured_slope)
+        return RayResult(hi_t, hi_d, max_evals, RayStatus.MAX_EVALS, measured_slope, tuple(points))
     seen = last[1] if last is not None else hi_d  # the last finite delta, all above the cutoff
-    return RayResult(hi_t, seen, max_evals, RayStatus.NONFINITE, measured_slope)
+    return RayResult(hi_t, seen, max_evals, RayStatus.NONFINITE, measured_slope, tuple(points))
+
+
+@dataclass(frozen=True)
+class CutoffRadius:
+    """Where delta equals the cutoff along one ray, from :func:`exact_cutoff`.
+
+    Attributes
+    ----------
+    radius : float
+        The interpolated (or extrapolated) radius at which delta equals the cutoff.
+    low, high : float
+        An interval around ``radius`` that holds the crossing under the stated assumption
+        (see the module docstring); never wider than an evaluated bracket.
+    bracketed : bool
+        Whether evaluated points on both sides of the cutoff were used.
+    """
+
+    radius: float
+    low: float
+    high: float
+    bracketed: bool
+
+
+def exact_cutoff(
+    points: Sequence[tuple[float, float]],
+    cutoff: float,
+    *,
+    slope: float = 2.0,
+    slope_spread: float = 0.1,
+    curvature: float = 1.0,
+) -> CutoffRadius | None:
+    r"""The radius where :math:`\delta` equals ``cutoff``, from a ray's evaluated points.
+
+    Parameters
+    ----------
+    points : sequence of (float, float)
+        Evaluated ``(t, delta)`` pairs (:attr:`RayResult.points`); non-finite and
+        non-positive deltas are ignored.
+    cutoff : float
+        :math:`\varepsilon > 0`.
+    slope : float
+        Log-log slope assumed when a single point is known (learned from earlier directions).
+    slope_spread : float
+        Relative uncertainty of ``slope``: the slope between that point and the crossing is
+        taken to lie within ``slope * (1 ± slope_spread)``.
+    curvature : float
+        :math:`M`, a bound on :math:`|d^2 \log\delta / d(\log t)^2|` near the crossing.
+
+    Returns
+    -------
+    CutoffRadius or None
+        ``None`` when no point has a finite positive delta.
+    """
+    pts = sorted((t, d) for t, d in points if t > 0 and math.isfinite(t) and _finite_positive(d))
+    if not pts:
+        return None
+    outside = [(t, d) for t, d in pts if d > cutoff]
+    inside = [(t, d) for t, d in pts if d <= cutoff and (not outside or t < outside[0][0])]
+    y = math.log(cutoff)
+    if inside and outside:  # a checked bracket: interpolate, within it
+        (ta, da), (tb, db) = inside[-1], outside[0]
+        xa, xb, ya, yb = math.log(ta), math.log(tb), math.log(da), math.log(db)
+        if da == cutoff:
+            return CutoffRadius(ta, ta, ta, True)
+        k = (yb - ya) / (xb - xa)
+        x = xa + (y - ya) / k
+        err = 0.5 * curvature * (x - xa) * (xb - x) / k
+        return CutoffRadius(math.exp(x), math.exp(max(xa, x - err)), math.exp(min(xb, x + err)),
+                            True)  # fmt: skip
+    side = inside if inside else outside
+    near = sorted(side, key=lambda p: abs(math.log(p[1]) - y))[:2]
+    if len(near) == 2 and near[0][1] != near[1][1] and near[0][0] != near[1][0]:
+        (ta, da), (tb, db) = near
+        xa, xb, ya, yb = math.log(ta), math.log(tb), math.log(da), math.log(db)
+        k = (yb - ya) / (xb - xa)
+        if math.isfinite(k) and k > 0:
+            x = xa + (y - ya) / k
+            err = 0.5 * curvature * abs((x - xa) * (x - xb)) / k
+            return CutoffRadius(math.exp(x), math.exp(x - err), math.exp(x + err), False)
+    t1, d1 = near[0]
+    k = slope if math.isfinite(slope) and slope > 0 else 2.0
+    step = (y - math.log(d1)) / k
+    x = math.log(t1) + step
+    ends = (math.log(t1) + step / (1 + slope_spread), math.log(t1) + step / (1 - slope_spread))
+    lo, hi = min(ends), max(ends)
+    return CutoffRadius(math.exp(x), math.exp(min(lo, x)), math.exp(max(hi, x)), False)
+
+
+def log_log_curvature(points: Sequence[tuple[float, float]], cutoff: float) -> float:
+    """:math:`d^2\\log\\delta / d(\\log t)^2` from the three evaluated points nearest the
+    cutoff (a divided difference); ``nan`` with fewer than three finite positive points."""
+    pts = [(t, d) for t, d in points if t > 0 and math.isfinite(t) and _finite_positive(d)]
+    y = math.log(cutoff)
+    near = sorted(sorted(pts, key=lambda p: abs(math.log(p[1]) - y))[:3])
+    if len(near) < 3:
+        return math.nan
+    (x0, y0), (x1, y1), (x2, y2) = ((math.log(t), math.log(d)) for t, d in near)
+    if not x0 < x1 < x2:
+        return math.nan
+    return 2.0 * ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)

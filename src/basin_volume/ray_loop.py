@@ -14,20 +14,46 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import checks
 from .distributed import gather_records, init_from_env, world
 from .integrals import log_radial_integral, log_sphere_area
-from .radius import RayResult, RayStatus, radius_search
+from .radius import RayResult, RayStatus, exact_cutoff, log_log_curvature, radius_search
 from .rays import DenseRays, InPlaceRays, RayStart
 from .result import DirectionRecord, VolumeResult, recorded_center, warn_every_time
 from .settings import Measure, Settings, first_difference
 
 WARMUP = 16
 """Directions whose radii seed the first guess of every later direction."""
+
+
+@dataclass(frozen=True)
+class _CutoffRecord(DirectionRecord):
+    """A :class:`DirectionRecord` whose estimate is at the exact cutoff, with the bound (nats)
+    on how far the interpolation of :func:`basin_volume.radius.exact_cutoff` could be from
+    the crossing (``nan`` where no radius was interpolated), and the ray's measured log-log
+    curvature (``nan`` with fewer than three evaluations)."""
+
+    bound: float = dataclass_field(default=math.nan, compare=False)
+    curvature: float = dataclass_field(default=math.nan, compare=False)
+
+
+def cutoff_bounds(records: list[DirectionRecord]) -> dict:
+    """``meta["cutoff_bound"]``: the per-direction bounds (nats) of the exact-cutoff estimates
+    and their mean over the directions that have one (``None`` where a direction has none,
+    e.g. one resumed from a file, or one that did not converge)."""
+    bounds = [getattr(r, "bound", math.nan) for r in records]
+    known = [b for b in bounds if math.isfinite(b)]
+    return {
+        "mean": statistics.fmean(known) if known else None,
+        "max": max(known) if known else None,
+        "per_direction": [b if math.isfinite(b) else None for b in bounds],
+    }
 
 
 class RadiusSearchWarning(RuntimeWarning):
@@ -109,6 +135,8 @@ def run_directions(
         problem = _Problem(rays, f0, dim, norm_c, settings)
         for group, shared in _groups(len(records), n_samples, rank, size, batch_size):
             state = _search_state(records[:WARMUP], problem.first_guess)
+            problem.slope_spread = _slope_spread(records[:WARMUP])
+            problem.curvature = _curvature_bound(records[:WARMUP])
             new = list(problem.run_group(group, *state))
             if shared and size > 1:
                 new = gather_records(new)
@@ -139,6 +167,7 @@ def run_directions(
         meta={
             "f0": f0,
             "center_sha256": center_sha256,
+            "cutoff_bound": cutoff_bounds(records),
             **meta,
             "max_radius": settings.max_radius,
             "seconds": time.perf_counter() - started,
@@ -178,6 +207,25 @@ def _search_state(records: list[DirectionRecord], first_guess: float) -> tuple[f
     slopes = [r.slope for r in records if math.isfinite(r.slope)]
     guess = math.exp(statistics.median(log_radii)) if log_radii else first_guess
     return guess, statistics.median(slopes) if slopes else 2.0
+
+
+def _slope_spread(records: list[DirectionRecord]) -> float:
+    """Relative uncertainty of the learned slope, for directions whose search stops after one
+    evaluation: twice the largest relative deviation of a measured slope from their median
+    (at least 0.05; 0.25 while fewer than three slopes are known)."""
+    slopes = [r.slope for r in records if math.isfinite(r.slope) and r.slope > 0]
+    if len(slopes) < 3:
+        return 0.25
+    mid = statistics.median(slopes)
+    return min(0.9, max(0.05, 2 * max(abs(k - mid) for k in slopes) / mid))
+
+
+def _curvature_bound(records: list[DirectionRecord]) -> float:
+    """:math:`M` of :func:`~basin_volume.radius.exact_cutoff`: twice the largest
+    :math:`|d^2\\log\\delta/d(\\log t)^2|` measured on ``records`` (from directions with three
+    or more evaluations), and at least 1."""
+    seen = [abs(c) for r in records if math.isfinite(c := getattr(r, "curvature", math.nan))]
+    return max([1.0] + [2.0 * c for c in seen])
 
 
 def _check_resumable(prev: VolumeResult, settings: Settings, dim: int) -> None:
@@ -222,6 +270,8 @@ class _Problem:
     dim: int
     norm_c: float
     settings: Settings
+    slope_spread: float = 0.25
+    curvature: float = 1.0
 
     @property
     def first_guess(self) -> float:
@@ -229,12 +279,21 @@ class _Problem:
 
     def log_integral(self, radius: float, dot: float) -> float:
         """log I(omega) for a ray of length ``radius`` with omega . theta0 = ``dot``."""
+        return self.log_integrals([radius], [dot])[0]
+
+    def log_integrals(self, radii: list[float], dots: list[float]) -> list[float]:
+        """:meth:`log_integral` for many rays in one vectorised call (the Gaussian radial
+        integral costs the same for one ray as for hundreds, and gives each the same bits)."""
+        if not radii:
+            return []
         if self.settings.measure is Measure.GAUSSIAN:
             sigma = self.settings.sigma
             const = -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * (self.norm_c / sigma) ** 2
-            beta = -dot / sigma
-            return const + log_radial_integral(radius / sigma, self.dim - 1.0, 1.0, beta)
-        return self.dim * math.log(radius) - math.log(self.dim) if radius > 0 else -math.inf
+            rho = np.asarray(radii, dtype=np.float64) / sigma
+            beta = -np.asarray(dots, dtype=np.float64) / sigma
+            values = np.atleast_1d(log_radial_integral(rho, self.dim - 1.0, 1.0, beta))
+            return [const + float(v) for v in values]
+        return [self.dim * math.log(r) - math.log(self.dim) if r > 0 else -math.inf for r in radii]
 
     def run_group(self, ks: list[int], guess: float, slope: float) -> list[DirectionRecord]:
         """Search directions ``ks`` together, evaluating their pending radii in one call."""
@@ -262,12 +321,40 @@ class _Problem:
                     rays_done[i] = stop.value
                     del pending[i]
         self.rays.restore()
-        return [self._record(k, starts[i], rays_done[i]) for i, k in enumerate(ks)]
+        # Every radius whose integral is needed (the estimate's, and the ends of the exact
+        # cutoff's interval), for all the group's directions in one vectorised call.
+        plans = [self._radii(rays_done[i], slope) for i in range(len(ks))]
+        flat = [r for plan in plans for r in plan]
+        dots = [starts[i].dot for i, plan in enumerate(plans) for _ in plan]
+        values = iter(self.log_integrals(flat, dots))
+        return [
+            self._record(k, starts[i], rays_done[i], [next(values) for _ in plans[i]])
+            for i, k in enumerate(ks)
+        ]
 
-    def _record(self, k: int, ray_start: RayStart, ray: RayResult) -> DirectionRecord:
+    def _radii(self, ray: RayResult, slope: float) -> list[float]:
+        """``[radius]`` to integrate to, or ``[cutoff radius, low, high]`` for a converged ray
+        (:func:`~basin_volume.radius.exact_cutoff`)."""
+        if ray.status is RayStatus.CONVERGED:
+            own = abs(log_log_curvature(ray.points, self.settings.cutoff))  # this ray's
+            curvature = max(self.curvature, 2.0 * own) if math.isfinite(own) else self.curvature
+            cut = exact_cutoff(ray.points, self.settings.cutoff, slope=slope,
+                               slope_spread=self.slope_spread, curvature=curvature)  # fmt: skip
+            if cut is not None:
+                return [cut.radius, cut.low, cut.high]
+        return [ray.radius if ray.status is not RayStatus.NONFINITE else 0.0]
+
+    def _record(
+        self, k: int, ray_start: RayStart, ray: RayResult, lais: list[float]
+    ) -> DirectionRecord:
+        """The direction's record; a converged ray's estimate is taken where delta equals the
+        cutoff exactly, with the bound (nats) from the ends of its interval; ``radius`` and
+        ``delta`` stay the evaluated ones."""
         radius = ray.radius if ray.status is not RayStatus.NONFINITE else 0.0
-        lai = self.log_integral(radius, ray_start.dot)
-        return DirectionRecord(
+        lai, bound = lais[0], math.nan
+        if len(lais) == 3:
+            bound = max(abs(lais[1] - lai), abs(lais[2] - lai))
+        return _CutoffRecord(
             index=k,
             estimate=log_sphere_area(self.dim) + lai - self.dim * math.log(ray_start.prop),
             delta=ray.delta,
@@ -277,6 +364,8 @@ class _Problem:
             n_evals=ray.n_evals,
             status=ray.status.value,
             slope=ray.slope,
+            bound=bound,
+            curvature=log_log_curvature(ray.points, self.settings.cutoff),
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -179,6 +180,14 @@ class InPlaceRays:
         when the model lives on an accelerator and the buffer takes under a quarter of the
         available host memory (shared by the processes on this machine); off on the CPU,
         where it would be a second copy of the parameters. :meth:`release` frees it.
+    batch_fn : callable, optional
+        ``batch_fn(thetas [B, D]) -> values [B]`` (e.g. ``torch.func.vmap`` of an objective
+        that also takes a flat parameter vector, as :class:`~basin_volume.causal.CausalLMKL`
+        does): :meth:`values_at_many` then writes the pending points into one ``[B, D]``
+        buffer in the parameters' dtype (regenerating each direction chunk by chunk as
+        always) and evaluates them in one call. Where memory allows: ``B`` is cut so that the
+        buffer takes at most a quarter of the free device memory (host memory on the CPU),
+        and a ``batch_fn`` that fails falls back, with a warning, to one point at a time.
     """
 
     def __init__(
@@ -189,7 +198,9 @@ class InPlaceRays:
         seed: int,
         preconditioner: Preconditioner | None,
         host_cache: bool | None = None,
+        batch_fn: Callable | None = None,
     ):
+        self.batch_fn = batch_fn
         if preconditioner is not None and not isinstance(preconditioner, DiagonalPreconditioner):
             raise ValueError(
                 "the memory-light mode supports diagonal preconditioners only; use "
@@ -332,11 +343,70 @@ class InPlaceRays:
         return starts
 
     def values_at_many(self, pairs: Sequence[tuple[int, float]]) -> list[float]:
-        """Values at ``(slot, t)`` pairs, one after the other (the model holds one point)."""
+        """Values at ``(slot, t)`` pairs: in one call of ``batch_fn`` per as many points as
+        fit, else one after the other (the model holds one point)."""
+        rows = self._rows_that_fit() if self.batch_fn is not None else 1
+        if rows > 1 and len(pairs) > 1:
+            try:
+                return [v for i in range(0, len(pairs), rows)
+                        for v in self._batched(pairs[i : i + rows])]  # fmt: skip
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+                warnings.warn(
+                    f"batch_fn failed in the memory-light mode ({type(err).__name__}: "
+                    f"{str(err)[:200]}); evaluating one point at a time from now on",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.batch_fn = None
         out = []
         for slot, t in pairs:
             self.index, self.v_norm = self.slots[slot][0], self.norms[slot]
             out.append(self.value_at(t))
+        return out
+
+    def _rows_that_fit(self) -> int:
+        """Points whose ``[B, D]`` buffer takes at most a quarter of the free memory."""
+        free = None
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        elif self.device.type == "cpu":
+            free = available_ram_bytes()
+        if free is None:
+            return 1
+        return max(1, free // 4 // (self.dim * self.params[0].element_size()))
+
+    def _batched(self, pairs: Sequence[tuple[int, float]]) -> list[float]:
+        """``batch_fn`` at the points of ``pairs``, each built exactly as :meth:`value_at`
+        writes it into the parameters; NaN for points that round to the centre."""
+        with torch.no_grad():
+            points = torch.empty(len(pairs), self.dim, dtype=self.params[0].dtype,
+                                 device=self.device)  # fmt: skip
+            moved = torch.zeros(len(pairs), dtype=torch.bool, device=self.device)
+            for row, (slot, t) in enumerate(pairs):
+                index, v_norm = self.slots[slot][0], self.norms[slot]
+                for start, _, v in self._chunks(index):
+                    step = t * (v / v_norm)
+                    for j, in_p, in_c in self._pieces(start, v.numel()):
+                        saved = self.saved[j].view(-1)[in_p]
+                        point = saved + step[in_c].to(points.dtype)
+                        moved[row] |= (point != saved).any()
+                        first = self.offsets[j] + in_p.start
+                        points[row, first : first + point.numel()] = point
+            keep = moved.cpu().tolist()
+            out = [math.nan] * len(pairs)
+            if not any(keep):
+                return out
+            chosen = [i for i, k in enumerate(keep) if k]
+            values = self.batch_fn(points[chosen] if len(chosen) < len(pairs) else points)
+            del points
+        if not isinstance(values, torch.Tensor) or values.shape != (len(chosen),):
+            raise ValueError(
+                f"batch_fn must return a tensor of shape ({len(chosen)},), got "
+                f"{getattr(values, 'shape', type(values))}"
+            )
+        for i, value in zip(chosen, values.detach().to("cpu", torch.float64).tolist(),
+                            strict=True):  # fmt: skip
+            out[i] = value
         return out
 
     def restore(self) -> None:

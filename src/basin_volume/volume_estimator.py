@@ -188,7 +188,8 @@ class VolumeEstimator:
         settings: through :func:`basin_volume.estimate` (dense rays, ``model_batch_size``
         directions per vmapped call), or, in the memory-light mode, through
         :class:`~basin_volume.rays.InPlaceRays` (``model_batch_size`` directions per group,
-        evaluated one after the other: the model holds one point)."""
+        their points built in one buffer and evaluated in one vmapped call, as many as a
+        quarter of the free memory holds)."""
         cfg = self.config
         if not self.low_memory:
 
@@ -203,7 +204,9 @@ class VolumeEstimator:
 
         def light(*, preconditioner, seed, **kwargs) -> VolumeResult:
             pre = as_preconditioner(preconditioner, dim)
-            rays = InPlaceRays(self.fn, params, seed=seed, preconditioner=pre)
+            batched = cfg.model_batch_size > 1  # as many points per call as memory allows
+            rays = InPlaceRays(self.fn, params, seed=seed, preconditioner=pre,
+                               batch_fn=torch.func.vmap(self.fn) if batched else None)  # fmt: skip
             return run_rays(
                 rays,
                 seed=seed,
