@@ -8,7 +8,9 @@ or converged direct sampling; never a method's own output) and each method, prin
 Run ``python benchmarks/accuracy.py`` (the quick problems), ``--all`` for every problem,
 ``--held-out`` for the held-out ones only, ``--names a,b`` for a selection, ``--seeds 3`` for
 several seeds of the methods. ``--particles``, ``--replicas``, ``--moves`` set the SMC run and
-``--is-samples`` the importance sampler's directions.
+``--is-samples`` the importance sampler's directions. ``--methods`` takes ``smc``, ``is`` and
+``smc-cooling`` (SMC without the curvature proposal, a second method to compare with where
+no truth is known).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def run(problem, method: str, seed: int, args) -> dict:
         seed=seed,
         progress=False,
         model_batch_size=args.batch,
-        method=method,
+        method="smc" if method == "smc-cooling" else method,
     )
-    if method == "smc":
+    if method == "smc-cooling":  # SMC without the curvature proposal: a second method
+        kwargs.update(curvature="none")
+    if method.startswith("smc"):
         kwargs.update(n_samples=args.particles, replicas=args.replicas, n_moves=args.moves)
     else:
         kwargs.update(n_samples=args.is_samples)
@@ -69,6 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--names", default=None, help="comma-separated problem names")
     p.add_argument("--methods", default="smc,is")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     p.add_argument("--particles", type=int, default=256)
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--moves", type=int, default=3)
@@ -87,12 +92,12 @@ def main(argv=None) -> None:
     print("-" * len(head))
     covered, total = 0, 0
     for name in names:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             problem = problems.get(name)
             for method in args.methods.split(","):
                 r = run(problem, method, seed, args)
                 cov = "-" if r["covered"] is None else ("yes" if r["covered"] else "NO")
-                if method == "smc" and r["covered"] is not None:
+                if method.startswith("smc") and r["covered"] is not None:
                     covered, total = covered + bool(r["covered"]), total + 1
                 print(f"{name:34} {problem.truth:12.4f} {method:6} {r['estimate']:12.4f} "
                       f"[{r['lo']:11.4f}, {r['hi']:11.4f}] {cov:>5} {r['error']:9.3f} "
