@@ -48,14 +48,17 @@ class SMCRun:
     log_z : float
         The estimate of :math:`\\log\\mu(K)`.
     kind : str
-        ``"is"`` when the start proposal's importance weights were good enough on their own,
-        else ``"smc"``.
+        The path (:mod:`basin_volume.smc`): ``"is"`` when prior rays or the informed
+        proposal's importance weights settled it, ``"annealed"`` (the cutoff), ``"tempered"``
+        (from the proposal) or ``"smc"`` (Gaussian cooling).
     levels : int
         Cooling levels (0 for ``"is"``).
     ess_start : float
         ESS of the start proposal's weights (a diagnostic of how hard the basin is).
     path : tuple of float
-        The precisions :math:`a` of the levels (0 for the uniform measure's last one).
+        The levels: precisions :math:`a` of the cooling path (0 for the uniform measure's
+        last one), inverse temperatures :math:`\\beta` of tempering, or cutoff multipliers
+        :math:`\\lambda` of annealing.
     acceptance : tuple of float
         Mean acceptance rate of the moves at each level.
     radii : torch.Tensor
@@ -84,14 +87,6 @@ def _ess(log_w: torch.Tensor) -> float:
         return 0.0
     w = torch.exp(log_w - log_w.max())
     return float(w.sum() ** 2 / (w * w).sum())
-
-
-def _relative_error(log_w: torch.Tensor) -> float:
-    """Standard error of the mean of :math:`e^{\\ell}` relative to the mean."""
-    if not bool(torch.isfinite(log_w).any()):
-        return math.inf
-    w = torch.exp(log_w - log_w.max())
-    return float(w.std() / (w.mean() * math.sqrt(w.numel())))
 
 
 def _log_mean_exp(x: torch.Tensor) -> float:

@@ -76,8 +76,8 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     smallest power of 4 at which the prior rays' weights have an ESS of half the particles;
     each next level is chosen so that the ESS of the incremental weights *predicted* from
     each ray's log-log slope is half the particles, then the radii there are searched (from
-    the predicted ones). The moves are those of :func:`_tempered` with the prior's normal law
-    as the first reference; its lifted points are the prior draws themselves.
+    the predicted ones). The moves are those of :func:`_tempered`, with the prior's normal law
+    as the first reference.
     """
     n, d = x.shape
     omega = base._unit(x)
@@ -98,7 +98,7 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     ell = log_p - prior.log_density(omega)
     log_z = base._log_mean_exp(ell)
     keep = base._systematic(ell, gen)
-    omega, x, c, r, slope = omega[keep], x[keep], c[keep], found.radius[keep], found.slope[keep]
+    omega, c, r, slope = omega[keep], c[keep], found.radius[keep], found.slope[keep]
     log_p = log_p[keep]
     levels, acceptance, rho = [level], [], {"proposal": 0.5, "fitted": 0.5}
     while True:
@@ -115,7 +115,7 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
             break
         c = omega @ theta0
         nxt = _next_cutoff(level, r, slope, c, log_p, log_target, ess_target * n)
-        found = yield RadiusRequest(omega, _predicted(r, slope, level / nxt), slope, level=nxt)
+        found = yield RadiusRequest(omega, _predicted(r, slope, nxt / level), slope, level=nxt)
         log_p_next = log_target(found.radius, c)
         inc = log_p_next - log_p
         log_z += base._log_mean_exp(inc)
