@@ -156,10 +156,14 @@ def smc_sampler(
         return torch.randn(k, d, generator=gen, dtype=torch.float64)
 
     def weigh(q: ProjectedNormal):
-        """N draws of q with their radii and log importance weights (log pi - log q)."""
+        """N draws of q with their radii and log importance weights (log pi - log q).
+
+        Each search starts at the drawn point's own distance: for a prior ray, whether the
+        basin reaches the prior's draw is what its weight mostly turns on."""
         x = q.sample(normals(n))
         omega = _unit(x)
-        radii = yield RadiusRequest(omega, torch.full((n,), math.nan), torch.full((n,), math.nan))
+        guess = torch.linalg.vector_norm(x, dim=1)
+        radii = yield RadiusRequest(omega, guess, torch.full((n,), math.nan))
         ell = log_sphere_area(d) + path.log_mass(path.end, radii.radius, omega @ theta0)
         return x, radii, ell - q.log_density(omega)
 
