@@ -126,7 +126,22 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return total
 
 
-class ClassifierLoss:
+class _LossBasin:
+    """What both loss objectives share: the flat centre, and a finite loss there."""
+
+    @property
+    def center(self) -> torch.Tensor:
+        """A flat copy of the model's parameters (made on each access)."""
+        return self.params.center()
+
+    def _check_finite_at_center(self, model: nn.Module) -> None:
+        with preserved(model):
+            value = float(self(None))
+        if not torch.isfinite(torch.tensor(value)):
+            raise ValueError(f"the loss at the centre is {value}; the loss basin needs it finite")
+
+
+class ClassifierLoss(_LossBasin):
     r"""Mean loss :math:`L(\theta)` of a model on labelled data (the estimator forms
     :math:`L(\theta) - L(\theta_0)`).
 
@@ -175,15 +190,7 @@ class ClassifierLoss:
             labels=labels,
         )
         self.loss_fn = loss_fn
-        with preserved(model):
-            value = float(self(None))
-        if not torch.isfinite(torch.tensor(value)):
-            raise ValueError(f"the loss at the centre is {value}; the loss basin needs it finite")
-
-    @property
-    def center(self) -> torch.Tensor:
-        """A flat copy of the model's parameters (made on each access)."""
-        return self.params.center()
+        self._check_finite_at_center(model)
 
     def _batch_loss(self, outputs: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -325,7 +332,7 @@ def causal_tokens(
     return tokenize_texts(texts, tokenizer, max_seq_len=max_seq_len)
 
 
-class CausalLMLoss:
+class CausalLMLoss(_LossBasin):
     r"""Mean next-token loss :math:`L(\theta)` of a causal LM (see the module docstring).
 
     Parameters
@@ -414,15 +421,7 @@ class CausalLMLoss:
         self._kwargs = {}
         if "use_cache" in inspect.signature(self.model.forward).parameters:
             self._kwargs["use_cache"] = False
-        with preserved(self.model):
-            value = float(self(None))
-        if not torch.isfinite(torch.tensor(value)):
-            raise ValueError(f"the loss at the centre is {value}; the loss basin needs it finite")
-
-    @property
-    def center(self) -> torch.Tensor:
-        """A flat copy of the model's parameters (made on each access)."""
-        return self.params.center()
+        self._check_finite_at_center(self.model)
 
     def __call__(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`L(\\theta)` in float64 (float32 on MPS)."""

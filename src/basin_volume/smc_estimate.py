@@ -162,26 +162,25 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
         for i in range(1, len(pts) - 1):
             (t0, d0), (t1, d1), (t2, d2) = pts[i - 1], pts[i], pts[i + 1]
             if d1 >= d0 and d1 >= d2 and _GRAZE * cutoff <= d1 <= cutoff:
-                peaks[(k, i)] = [t0, t1, t2]
+                peaks[(k, i)] = (t0, t1, t2, d1)  # bracket, and delta at its middle
     for _ in range(_GOLDEN_STEPS):
         if not peaks:
             break
         probes = []
-        for key, (a, b, c) in peaks.items():
+        for key, (a, b, c, _) in peaks.items():
             probes.append((key, b + 0.382 * (c - b) if c - b > b - a else b - 0.382 * (b - a)))
         values = _values(rays, [(key[0], t) for key, t in probes], batch_size)
         for (key, t), v in zip(probes, values, strict=True):
             k, d = key[0], v - f0
             history[k].append((t, d))
             out[k] = (out[k][0], out[k][1] + 1)
-            a, b, c = peaks[key]
-            d_b = dict(history[k])[b]
+            a, b, c, d_b = peaks[key]
             if d > cutoff or not math.isfinite(d):
                 del peaks[key]  # outside: found what we looked for
             elif d > d_b:
-                peaks[key] = [b, t, c] if t > b else [a, t, b]
+                peaks[key] = (b, t, c, d) if t > b else (a, t, b, d)
             else:
-                peaks[key] = [a, b, t] if t > b else [t, b, c]
+                peaks[key] = (a, b, t, d_b) if t > b else (t, b, c, d_b)
     brackets = {}
     for k in radius:
         for t, d in sorted(history[k]):
