@@ -838,7 +838,8 @@ def product(name, seed, *, n_blocks, measure="gaussian", held_out=True) -> Probl
     )
 
 
-def network(name, seed, *, family, cutoff, held_out, no_truth=False) -> Problem:
+def network(name, seed, *, family, cutoff, held_out, no_truth=False,
+            sigma: float | None = None) -> Problem:
     center, inputs, sizes = network_setup(family, seed)
     entry = load_cache()["networks"].get(cache_key(family, seed))
     truth, se = math.nan, math.nan
@@ -861,7 +862,8 @@ def network(name, seed, *, family, cutoff, held_out, no_truth=False) -> Problem:
                 f"direct sampling: {row['k']}/{row['n']} prior draws whose whole segment from "
                 f"theta0 stays inside (grid {entry['settings']['grid']} + local-max refinement)"
             )
-    sigma = float(center.norm()) / math.sqrt(center.numel())
+    if sigma is None:
+        sigma = float(center.norm()) / math.sqrt(center.numel())
     return Problem(
         name=name,
         fn=kl_fn(center, inputs, sizes),
@@ -945,6 +947,9 @@ for _family, _quick in (("mlp52", True), ("digits", False)):
     )
 _add("mlp52-kl-c0.01", network, 0, family="mlp52", cutoff=0.01, no_truth=True)
 _add("digits-kl-c0.01", network, 0, family="digits", cutoff=0.01, no_truth=True, quick=False)
+# the prior that the digits training's L2 penalty implies (experiments/_common.py: l2_sigma)
+_add("digits-kl-c0.01-l2prior", network, 0, family="digits", cutoff=0.01, no_truth=True,
+     quick=False, sigma=3.125)
 _add("exact-proposal-ellipsoid-d10000", ellipsoid_uniform, 501, dim=10_000, exact=True)
 _add(
     "exact-proposal-ellipsoid-d100000",

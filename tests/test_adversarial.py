@@ -205,7 +205,7 @@ def test_second_run_on_a_run_log_refuses_while_the_first_runs(tmp_path):
     assert refused == [os.getpid()]
     assert [r.index for r in read_run(out).records] == [0, 1, 2]  # nothing interleaved
     resumed = quiet(estimate_to_file, fn, C, out, resume=True, **kwargs)
-    clean = quiet(bv.estimate, fn, C, **kwargs)
+    clean = quiet(bv.estimate, fn, C, method="is", **kwargs)
     assert torch.equal(resumed.estimates, clean.estimates) and resumed.status == clean.status
     assert not RunLock.lock_path(records_path(out)).exists()
 
@@ -463,11 +463,11 @@ def test_huge_n_samples_allocates_nothing_per_direction_up_front():
         return quad(C)(th)
 
     with pytest.raises(Started):  # not MemoryError
-        bv.estimate(fn, C, n_samples=10**12, progress=False)
+        bv.estimate(fn, C, n_samples=10**12, progress=False, method="is")
     tracemalloc.start()
     try:
         with pytest.raises(Started):
-            bv.estimate(fn, C, n_samples=10**6, progress=False)
+            bv.estimate(fn, C, n_samples=10**6, progress=False, method="is")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -503,7 +503,8 @@ def test_sigterm_says_what_is_saved(models, tmp_path, capsys):
 
     before = signal.signal(signal.SIGTERM, fallback)
     try:
-        code, _, err = cli(f"estimate --model {models}:terminated -n 50 -q -o {out}", capsys)
+        code, _, err = cli(f"estimate --model {models}:terminated -n 50 --method is -q -o {out}",
+                             capsys)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert code == 143

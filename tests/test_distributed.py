@@ -43,7 +43,7 @@ def test_two_ranks_equal_single_process(tmp_path):
     fn, center = problem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = bv.estimate(fn, center, n_samples=40, seed=7, progress=False)
+        single = bv.estimate(fn, center, n_samples=40, seed=7, progress=False, method="is")
     for name in ("estimates", "deltas", "radii", "props", "n_evals", "logabsint"):
         torch.testing.assert_close(
             getattr(sharded, name), getattr(single, name), rtol=0, atol=0, msg=name
@@ -79,7 +79,8 @@ def test_cli_under_torchrun_writes_once_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     single_out = tmp_path / "single.json"
     subprocess.run(
-        [sys.executable, "-m", "basin_volume", *common, "-n", "36", "-o", str(single_out), "-q"],
+        [sys.executable, "-m", "basin_volume", *common, "-n", "36", "--method", "is", "-o",
+         str(single_out), "-q"],
         check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     sharded, single = bv.VolumeResult.load(out), bv.VolumeResult.load(single_out)
@@ -100,7 +101,7 @@ def test_fisher_preconditioned_batched_config_run_equals_single_process(tmp_path
     sharded = bv.VolumeResult.load(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = bv.VolumeEstimator.from_config(classifier_config()).run()
+        single = bv.VolumeEstimator.from_config(classifier_config().replace(method="is")).run()
     assert sharded.n_samples == 24
     for name in ("estimates", "radii", "props", "n_evals"):
         torch.testing.assert_close(

@@ -156,7 +156,8 @@ def test_low_ess_warns_and_says_lower_bound():
     h = torch.logspace(-3, 3, 200, dtype=torch.float64)
     c = torch.ones(200, dtype=torch.float64)
     with pytest.warns(bv.LowESSWarning, match="lower bound"):
-        res = bv.estimate(quad(c, h), c, n_samples=30, measure="uniform", progress=False)
+        res = bv.estimate(quad(c, h), c, n_samples=30, measure="uniform", progress=False,
+                          method="is")
     assert "lower bound" in res.summary()
 
 

@@ -30,7 +30,8 @@ def test_matched_ellipsoid_is_exact_at_the_default_rtol(dim):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = bv.estimate(fn, torch.zeros(dim, dtype=torch.float64), n_samples=24, cutoff=eps,
-                          measure="uniform", preconditioner=h.rsqrt(), progress=False)  # fmt: skip
+                          measure="uniform", preconditioner=h.rsqrt(), progress=False,
+                          method="is")  # fmt: skip
     assert (res.estimates - exact).abs().max().item() < 1e-8 * max(1.0, abs(exact))
     # what was evaluated is kept: the deltas are the checked ones, within rtol, not the cutoff
     assert ((res.deltas - eps).abs() <= 1e-2 * eps).all()
@@ -53,7 +54,7 @@ def test_bound_holds_the_true_error_on_a_cubic_basin():
         warnings.simplefilter("ignore")
         res = bv.estimate(fn, torch.zeros(dim, dtype=torch.float64), n_samples=40, cutoff=eps,
                           measure="uniform", preconditioner=h.rsqrt(), seed=2,
-                          progress=False)  # fmt: skip
+                          progress=False, method="is")  # fmt: skip
     bounds = res.meta["cutoff_bound"]["per_direction"]
     checked = 0
     for k in range(res.n_samples):

@@ -337,7 +337,8 @@ def test_causal_loss_counts_only_predicted_tokens(tiny):
 def test_loader_passes_leave_the_random_state_and_batch_under_vmap(digits):
     model, x, y = digits
     loader = DataLoader(TensorDataset(x, y), batch_size=50)
-    base = dict(model_type="classifier", model=model, inputs=loader, basin="loss", n_samples=20)
+    base = dict(model_type="classifier", model=model, inputs=loader, basin="loss", n_samples=20,
+                method="is")
     state = torch.random.get_rng_state()
     one = run(**base)
     assert torch.equal(torch.random.get_rng_state(), state)  # no DataLoader seed drawn

@@ -57,6 +57,7 @@ def test_classifier_run_converges_and_leaves_model_untouched(digits_run):
         n_samples=20,
         cutoff=1e-2,
         progress=False,
+        method="is",
     )
     res = bv.VolumeEstimator.from_config(cfg).run()
     assert_identical(model, snap)

@@ -123,7 +123,7 @@ def test_batched_directions_equal_sequential(batch):
     model = make_model()
     x = torch.randn(32, 10, generator=torch.Generator().manual_seed(4))
     fn = ClassifierKL(model, x)
-    kw = dict(n_samples=26, cutoff=1e-2, rtol=1e-4, seed=1, progress=False)
+    kw = dict(n_samples=26, cutoff=1e-2, rtol=1e-4, seed=1, progress=False, method="is")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bv.LowESSWarning)
         seq = bv.estimate(fn, fn.center, **kw)
@@ -141,7 +141,8 @@ def test_unvmappable_fn_falls_back_with_warning():
         return float(((th - c) ** 2).sum())  # .item()-style: not vmappable
 
     with pytest.warns(UserWarning, match="vmap"):
-        res = bv.estimate(fn, c, n_samples=20, model_batch_size=4, sigma=1.0, progress=False)
+        res = bv.estimate(fn, c, n_samples=20, model_batch_size=4, sigma=1.0, progress=False,
+                          method="is")
     assert set(res.status) == {"converged"}
 
 
@@ -157,6 +158,7 @@ def test_batch_fn_with_wrong_shape_is_an_error():
             sigma=1.0,
             progress=False,
             batch_fn=lambda ths: ths.sum(),
+            method="is",
         )
 
 

@@ -306,7 +306,7 @@ def estimate_adaptive(
         )
     b = frame.base.pow(-2)
     if run_round is None:
-        run_round = functools.partial(estimate, fn, center)
+        run_round = functools.partial(estimate, fn, center, method="is")
 
     done = _resumed_records(resume_from, seed, rounds, n_per_round)
     a = torch.zeros(n_groups, dtype=torch.float64)

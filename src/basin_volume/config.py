@@ -203,7 +203,7 @@ class VolumeConfig:
     basin: Basin | str = Basin.KL
     labels: Any = None
     loss_fn: Any = None
-    method: str = "is"
+    method: str = "auto"
     budget: int | None = None
     replicas: int = 4
     n_moves: int = 3

@@ -53,7 +53,12 @@ from .settings import Measure, Method, Settings
 __all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
 
 
-def _resolve_method(method, pre, *, resume_from, callback) -> Method:
+SMC_MIN_PARTICLES = 16  # fewer particles than this cannot resample meaningfully
+SMC_MAX_PARTICLES = 2**20  # SMC holds every particle's direction in memory
+
+
+def resolve_method(method, pre, *, n_samples: int, resume_from, callback) -> Method:
+    """``method`` as a :class:`Method`, with ``"auto"`` resolved (see :func:`estimate`)."""
     try:
         method = Method(method)
     except ValueError:
@@ -68,6 +73,11 @@ def _resolve_method(method, pre, *, resume_from, callback) -> Method:
     simple = pre is None or isinstance(pre, DiagonalPreconditioner)
     if resume_from is not None or callback is not None or not simple:
         return Method.IS
+    if not SMC_MIN_PARTICLES <= n_samples <= SMC_MAX_PARTICLES:
+        return Method.IS
+    init_from_env()
+    if world()[1] > 1:  # SMC does not shard its particles across ranks
+        return Method.IS
     return Method.SMC
 
 
@@ -76,8 +86,12 @@ def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budg
     """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 
-    if s.n_samples < 16:
-        raise ValueError(f"method='smc' needs n_samples >= 16 particles, got {s.n_samples}")
+    if not SMC_MIN_PARTICLES <= s.n_samples <= SMC_MAX_PARTICLES:
+        raise ValueError(
+            f"method='smc' needs n_samples from {SMC_MIN_PARTICLES} to {SMC_MAX_PARTICLES} "
+            f"particles (every particle is held in memory), got {s.n_samples}; use method='is' "
+            "for more directions"
+        )
     init_from_env()
     if world()[1] > 1:
         raise ValueError(
@@ -172,7 +186,7 @@ def estimate(
     resume_from: VolumeResult | None = None,
     model_batch_size: int = 1,
     batch_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    method: Method | str = "is",
+    method: Method | str = "auto",
     budget: int | None = None,
     replicas: int = 4,
     n_moves: int = 3,
@@ -241,9 +255,10 @@ def estimate(
         whichever the basin calls for), right where importance sampling is a lower bound,
         with an interval from independent replicas (``docs/accuracy.md``). ``"is"``:
         importance sampling from one proposal (fast; trustworthy only when the ESS is high;
-        the default for now, while run logs, resume and torchrun support only it).
-        ``"auto"``: ``"smc"``, except with ``resume_from`` or ``callback`` or a non-diagonal
-        preconditioner, where it is ``"is"``.
+        the method of run logs, resume and torchrun). ``"auto"`` (default): ``"smc"``, except
+        with ``resume_from`` or ``callback``, a non-diagonal preconditioner, ``n_samples``
+        outside 16 to 2^20 particles, or under torchrun with several processes, where it is
+        ``"is"``.
     budget : int, optional
         Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
         each batch of radius searches (so a run may pass it by one batch);
@@ -295,7 +310,8 @@ def estimate(
     seed = _check_seed(seed)
     pre = as_preconditioner(preconditioner, center.numel())
     model_batch_size = _check_positive("model_batch_size", model_batch_size, integer=True)
-    method = _resolve_method(method, pre, resume_from=resume_from, callback=callback)
+    method = resolve_method(method, pre, n_samples=n_samples, resume_from=resume_from,
+                            callback=callback)
     smc = method is Method.SMC
     if smc:
         replicas = _check_positive("replicas", replicas, integer=True)

@@ -14,7 +14,7 @@ import torch
 from .adaptive import estimate_adaptive
 from .config import VolumeConfig
 from .distributed import from_rank0, init_from_env
-from .estimator import Measure, estimate, run_rays
+from .estimator import Measure, estimate, resolve_method, run_rays
 from .parameters import (
     FlatParameters,
     describe_selection,
@@ -28,7 +28,7 @@ from .preconditioners import (
 )
 from .rays import InPlaceRays
 from .result import DirectionRecord, VolumeResult
-from .settings import first_difference
+from .settings import Method, first_difference
 
 LOW_MEMORY_THRESHOLD = 20_000_000
 
@@ -148,6 +148,20 @@ class VolumeEstimator:
             return bool(self.config.low_memory)
         return sum(p.numel() for _, p in self.selected_parameters()) >= LOW_MEMORY_THRESHOLD
 
+    def runs_smc(self) -> bool:
+        """Whether :meth:`run`, called without ``callback`` or ``resume_from``, estimates by
+        SMC: ``method="smc"``, or ``"auto"`` on dense rays with a fixed diagonal (or no)
+        proposal in one process (:func:`basin_volume.estimate`'s rule)."""
+        cfg = self.config
+        if cfg.method != "auto":
+            return cfg.method == "smc"
+        if self.low_memory or cfg.preconditioner_type is PreconditionerType.ADAPTIVE:
+            return False
+        dim = sum(p.numel() for _, p in self.selected_parameters())
+        pre = as_preconditioner(self.preconditioner, dim)
+        return resolve_method("auto", pre, n_samples=cfg.n_samples, resume_from=None,
+                              callback=None) is Method.SMC
+
     def run(
         self,
         *,
@@ -227,9 +241,9 @@ class VolumeEstimator:
     def _fixed(self, run_batch, *, callback, resume_from) -> VolumeResult:
         """One proposal for every direction: ``config.preconditioner`` or the built one."""
         cfg = self.config
-        smc = cfg.method != "is" and not self.low_memory
-        extra = dict(method=cfg.method, budget=cfg.budget, replicas=cfg.replicas,
-                     n_moves=cfg.n_moves) if smc else {}
+        # the dense runner is estimate(), which resolves method="auto" itself
+        extra = {} if self.low_memory else dict(method=cfg.method, budget=cfg.budget,
+                                                replicas=cfg.replicas, n_moves=cfg.n_moves)
         return run_batch(
             **extra,
             preconditioner=self.preconditioner,

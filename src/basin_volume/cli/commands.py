@@ -31,6 +31,7 @@ from .assemble import (
 # ---------------------------------------------------------------------------- commands
 def _estimate(args: argparse.Namespace) -> int:
     from ..runfile import records_path, run_to_file
+    from ..volume_estimator import VolumeEstimator
 
     output = _check_output(args.output, args)
     started = time.perf_counter()
@@ -38,7 +39,9 @@ def _estimate(args: argparse.Namespace) -> int:
     loaded = _prepare(args, dataset)
     source = _source(args, loaded, dataset)
     spec = {"command": "estimate", **_spec(args, loaded.model_type)}
-    if _runs_smc(source):
+    if not isinstance(source, dict):  # built once: its preconditioner serves both paths
+        source = _run_mapped(lambda: VolumeEstimator.from_config(source))
+    if _runs_smc(source, args):
         return _estimate_smc(args, source, output, started)
     _status(args, f"estimating; each direction is saved to {records_path(output)} as it finishes")
     result = _interruptible(
@@ -56,17 +59,29 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runs_smc(source) -> bool:
-    """Whether ``--method smc`` was asked for (by option or by a returned VolumeConfig)."""
-    method = source.get("method", "is") if isinstance(source, dict) else source.method
-    return method == "smc"
+def _runs_smc(source, args) -> bool:
+    """Whether the run is an SMC run (saved when it ends), not a run log of directions:
+    ``--method smc``, or ``auto`` (the default) where SMC applies and ``--resume`` is not
+    given (a run log is resumed by importance sampling)."""
+    from ..estimator import resolve_method
+    from ..preconditioners import as_preconditioner
+
+    if not isinstance(source, dict):
+        return source.runs_smc() and not (args.resume and source.config.method == "auto")
+    method = source.get("method", "auto")
+    if method != "auto":
+        return method == "smc"
+    if args.resume:
+        return False
+    pre = as_preconditioner(source.get("preconditioner"), source["center"].numel())
+    n = source.get("n_samples", 100)
+    return resolve_method(method, pre, n_samples=n, resume_from=None, callback=None).value == "smc"
 
 
 def _estimate_smc(args, source, output: Path, started: float) -> int:
-    """``--method smc``: one SMC run saved when it ends (it is not a sequence of directions
-    that a run log could hold)."""
+    """SMC: one run saved when it ends (it is not a sequence of directions that a run log
+    could hold)."""
     from .. import estimate
-    from ..volume_estimator import VolumeEstimator
 
     if args.resume:
         raise UsageError("--resume", "an SMC run cannot be resumed; leave --resume out or use "
@@ -75,8 +90,7 @@ def _estimate_smc(args, source, output: Path, started: float) -> int:
     if isinstance(source, dict):
         result = _run_mapped(lambda: estimate(**{**source, "method": "smc"}))
     else:
-        result = _run_mapped(lambda: VolumeEstimator.from_config(
-            source.replace(method="smc")).run())
+        result = _run_mapped(source.run)
     result.save(output)
     print(result.summary())
     if result.measure == "gaussian":

@@ -189,15 +189,18 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
     )
     g.add_argument(
         "--method",
-        choices=("is", "smc"),
-        help="is (default): importance sampling of directions, written to a run log as they "
-        "finish and resumable; smc: sequential Monte Carlo (docs/accuracy.md), right where "
-        "importance sampling is a lower bound, saved when it ends (no run log, no --resume)",
+        choices=("auto", "smc", "is"),
+        help="auto (default): smc, except with --resume, in the memory-light mode of large "
+        "models, with an adaptive or dense "
+        "preconditioner or several torchrun processes, where it is is; smc: sequential Monte "
+        "Carlo (docs/accuracy.md), saved when it ends (no run log, no --resume); is: "
+        "importance sampling of directions, written to a run log as they finish and "
+        "resumable, a lower bound unless its ESS is high",
     )
     g.add_argument(
         "--budget",
         type=_positive_int,
-        help="cap on the evaluations of the objective (--method smc; default: none)",
+        help="cap on the evaluations of the objective (SMC runs; default: none)",
     )
     g.add_argument(
         "--parameters",
