@@ -839,7 +839,9 @@ def product(name, seed, *, n_blocks, measure="gaussian", held_out=True) -> Probl
 
 
 def network(name, seed, *, family, cutoff, held_out, no_truth=False,
-            sigma: float | None = None) -> Problem:
+            sigma: float | str | None = None) -> Problem:
+    """A small network's KL basin; ``sigma`` defaults to the centre's RMS, ``"init"`` is the
+    RMS of the digits MLP's parameters at initialisation."""
     center, inputs, sizes = network_setup(family, seed)
     entry = load_cache()["networks"].get(cache_key(family, seed))
     truth, se = math.nan, math.nan
@@ -862,7 +864,12 @@ def network(name, seed, *, family, cutoff, held_out, no_truth=False,
                 f"direct sampling: {row['k']}/{row['n']} prior draws whose whole segment from "
                 f"theta0 stays inside (grid {entry['settings']['grid']} + local-max refinement)"
             )
-    if sigma is None:
+    if sigma == "init":
+        from basin_volume.digits import make_digits_mlp
+
+        init = torch.nn.utils.parameters_to_vector(make_digits_mlp(64, seed=seed).parameters())
+        sigma = float(init.detach().norm()) / math.sqrt(init.numel())
+    elif sigma is None:
         sigma = float(center.norm()) / math.sqrt(center.numel())
     return Problem(
         name=name,
@@ -947,7 +954,10 @@ for _family, _quick in (("mlp52", True), ("digits", False)):
     )
 _add("mlp52-kl-c0.01", network, 0, family="mlp52", cutoff=0.01, no_truth=True)
 _add("digits-kl-c0.01", network, 0, family="digits", cutoff=0.01, no_truth=True, quick=False)
-# the prior that the digits training's L2 penalty implies (experiments/_common.py: l2_sigma)
+# the two priors of experiments/: sigma = the parameters' RMS at initialisation, and the
+# sigma the training's L2 penalty implies (experiments/_common.py: l2_sigma)
+_add("digits-kl-c0.01-initprior", network, 0, family="digits", cutoff=0.01, no_truth=True,
+     quick=False, sigma="init")
 _add("digits-kl-c0.01-l2prior", network, 0, family="digits", cutoff=0.01, no_truth=True,
      quick=False, sigma=3.125)
 _add("exact-proposal-ellipsoid-d10000", ellipsoid_uniform, 501, dim=10_000, exact=True)

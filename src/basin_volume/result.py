@@ -371,19 +371,23 @@ class VolumeResult:
                 lo, hi = self.interval(0.95)
             kind = "replica" if self.method == "smc" else "bootstrap"
             lines.append(f"95% {kind} interval: [{lo:.6g}, {hi:.6g}]")
-        lines.append(
-            f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
-            f"{self.top_weight_share:.2f}, mean evaluations per direction "
-            f"{self.n_evals.double().mean().item():.2f}"
-        )
         if self.method == "smc":
             info = self.meta.get("smc", {})
+            per = self.n_samples // max(len(self.replicas), 1)
             lines.append(
-                f"method: SMC, {len(self.replicas)} replicas, levels {info.get('levels')}, "
-                f"objective evaluations {int(self.n_evals.sum())} in all"
+                f"method: SMC ({', '.join(sorted(set(info.get('kinds', []))))}), "
+                f"{len(self.replicas)} replicas of {per} particles, levels "
+                f"{info.get('levels')}, objective evaluations {int(self.n_evals.sum())} in all"
             )
-        elif self.low_ess:
-            lines.append("warning: ESS is low, so the estimate is likely a lower bound")
+            lines.append("replicas: " + ", ".join(f"{r:.6g}" for r in self.replicas))
+        else:
+            lines.append(
+                f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
+                f"{self.top_weight_share:.2f}, mean evaluations per direction "
+                f"{self.n_evals.double().mean().item():.2f}"
+            )
+            if self.low_ess:
+                lines.append("warning: ESS is low, so the estimate is likely a lower bound")
         if self.n_failed:
             counts = {s: self.status.count(s) for s in sorted(set(self.status)) if s != "converged"}
             lines.append(f"warning: directions not converged: {counts}")
