@@ -8,7 +8,8 @@ what cheap first looks at the basin show:
 
 1. **Prior rays** (Gaussian measure). A ray's weight is the prior mass of that ray inside the
    basin, in [0, 1], so with :math:`P` the basin's probability the relative standard error
-   of :math:`n` of them is at most :math:`1/\sqrt{nP}`. A pilot batch estimates :math:`P`;
+   of :math:`n` of them is at most :math:`1/\sqrt{nP}`. A pilot (a quarter of a batch)
+   estimates :math:`P`;
    if at most :data:`_MAX_RAY_BATCHES` batches bring that bound to :data:`_BOUNDED_RSE`, they
    are drawn afresh and their mean is the answer (exact for a basin that is the whole space).
 2. **An informed proposal** (the Hessian's, :mod:`basin_volume.curvature`, or the user's
@@ -95,6 +96,7 @@ __all__ = ["Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 
 _START_ESS = 0.9  # ESS fraction required of the cooling path's first weighting
 _MAX_RAY_BATCHES = 8  # batches of prior rays drawn at most after the pilot
+_MIN_PILOT = 16  # prior rays in the pilot at least (else a quarter of the particles)
 _BOUNDED_RSE = 0.1  # relative standard error of bounded weights' mean that settles a run
 _ANNEAL_FROM = -25.0  # log estimate above which the cutoff is annealed (about 36 levels)
 
@@ -155,15 +157,15 @@ def smc_sampler(
     def normals(k: int) -> torch.Tensor:
         return torch.randn(k, d, generator=gen, dtype=torch.float64)
 
-    def weigh(q: ProjectedNormal):
-        """N draws of q with their radii and log importance weights (log pi - log q).
+    def weigh(q: ProjectedNormal, k: int = n):
+        """k draws of q with their radii and log importance weights (log pi - log q).
 
         Each search starts at the drawn point's own distance: for a prior ray, whether the
         basin reaches the prior's draw is what its weight mostly turns on."""
-        x = q.sample(normals(n))
+        x = q.sample(normals(k))
         omega = _unit(x)
         guess = torch.linalg.vector_norm(x, dim=1)
-        radii = yield RadiusRequest(omega, guess, torch.full((n,), math.nan))
+        radii = yield RadiusRequest(omega, guess, torch.full((k,), math.nan))
         ell = log_sphere_area(d) + path.log_mass(path.end, radii.radius, omega @ theta0)
         return x, radii, ell - q.log_density(omega)
 
@@ -173,9 +175,10 @@ def smc_sampler(
         # standard error of a mean of n of them is at most 1/sqrt(nP): a pilot batch's estimate
         # of P tells how many batches settle it to _BOUNDED_RSE. (The pilot's own sample
         # error is no guide: it misses the rare large weights of a small basin.) The batches
-        # are drawn afresh, so that their number does not depend on them.
+        # are drawn afresh, so that their number does not depend on them; the pilot, which
+        # only sizes them, is a quarter of a batch.
         prior = ProjectedNormal(torch.full((d,), sigma**2, dtype=torch.float64), -theta0)
-        x, radii, ell = yield from weigh(prior)
+        x, radii, ell = yield from weigh(prior, max(_MIN_PILOT, n // 4))
         p_hat = math.exp(_log_mean_exp(ell))
         need = math.ceil(1.0 / (n * p_hat * _BOUNDED_RSE**2)) if p_hat > 0 else math.inf
         if need <= _MAX_RAY_BATCHES:
@@ -187,7 +190,7 @@ def smc_sampler(
             log_w, r = torch.cat(log_w), torch.cat(r)
             return SMCRun(_log_mean_exp(log_w), "is", 0, _ess(log_w), (), (), r, log_w)
         ess_start, slope, r = _ess(ell), radii.slope, radii.radius
-        pilot = (x, radii, _log_mean_exp(ell))
+        pilot = _log_mean_exp(ell)
     if callable(start):
         start = start()
     reach = -math.inf  # the informed proposal's estimate (low when its weights are uneven)
@@ -198,11 +201,12 @@ def smc_sampler(
         if ess_start >= ess_target * n:
             return SMCRun(_log_mean_exp(ell_s), "is", 0, ess_start, (), (), radii_s.radius, ell_s)
         reach = _log_mean_exp(ell_s)
-    if sigma is not None and max(pilot[2], reach) > _ANNEAL_FROM:
+    if sigma is not None and max(pilot, reach) > _ANNEAL_FROM:
         # The basin holds a part of the prior that annealing the cutoff reaches in a few tens
-        # of levels: the path that needs no proposal to be right.
+        # of levels: the path that needs no proposal to be right. It starts from N prior rays.
+        x, radii, _ = yield from weigh(prior)
         return (yield from _annealed(
-            prior, pilot[0], pilot[1], theta0, path, n_moves=n_moves, ess_target=ess_target,
+            prior, x, radii, theta0, path, n_moves=n_moves, ess_target=ess_target,
             gen=gen, ess_start=ess_start,
         ))
     if start is not None:
@@ -213,8 +217,11 @@ def smc_sampler(
 
     # The cooling path's start: uniform directions, weighted to pi_{a0}.
     omega = _unit(normals(n))
-    guess = r.nanmedian().expand(n).clone() if sigma is not None else torch.full((n,), math.nan)
-    radii = yield RadiusRequest(omega, guess, slope if sigma is not None else guess.clone())
+    if sigma is not None:  # the pilot's typical radius and slope as every search's start
+        guess, slope = r.nanmedian().expand(n).clone(), slope.nanmedian().expand(n).clone()
+    else:
+        guess = slope = torch.full((n,), math.nan)
+    radii = yield RadiusRequest(omega, guess, slope)
     r, slope, c = radii.radius, radii.slope, omega @ theta0
     if sigma is None:
         with np.errstate(divide="ignore"):
