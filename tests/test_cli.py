@@ -306,9 +306,9 @@ def test_defaults_agree_between_estimate_config_and_command_line():
 
     signature = inspect.signature(bv.estimate).parameters
     fields = {f.name: f.default for f in dataclasses.fields(bv.VolumeConfig)}
-    for name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed"):
+    for name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed", "method"):
         assert signature[name].default == fields[name] == _ESTIMATION_DEFAULTS[name], name
-    assert fields["n_samples"] == 100
+    assert fields["n_samples"] == 100 and fields["method"] == "auto"
 
 
 def test_estimate_method_smc_saves_an_smc_result_and_refuses_resume(tmp_path, capsys):
@@ -328,3 +328,18 @@ def test_estimate_method_smc_saves_an_smc_result_and_refuses_resume(tmp_path, ca
     command = "estimate --model {m}:classifier --method smc --budget 200000 -n 32 -q -o {o}"
     assert cli(command, capsys, m=m, o=out2)[0] == 0
     assert VolumeResult.load(out2).method == "smc"
+
+
+def test_estimate_method_auto_is_smc_and_importance_sampling_with_resume(tmp_path, capsys):
+    """The default: SMC (no run log); with --resume, a run log of importance sampling."""
+    m = tmp_path / "models.py"
+    m.write_text(MODELS_PY)
+    out = tmp_path / "ball.json"
+    command = "estimate --model {m}:ball --measure uniform --cutoff 0.5 -n 32 -q -o {o}"
+    assert cli(command, capsys, m=m, o=out)[0] == 0
+    res = VolumeResult.load(out)
+    assert res.method == "smc" and not records_path(out).exists()
+    assert math.isclose(res.log_volume, math.log(8 * math.pi**2 / 15), abs_tol=1e-6)
+    out2 = tmp_path / "logged.json"
+    assert cli(command + " --resume", capsys, m=m, o=out2)[0] == 0
+    assert VolumeResult.load(out2).method == "is" and records_path(out2).exists()

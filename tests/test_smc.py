@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import mpmath
 import pytest
@@ -359,3 +361,31 @@ def test_curvature_proposal_on_the_wall_of_a_gaussian_ellipsoid():
                       model_batch_size=64, curvature="hessian")
     assert truth < -500  # far beyond what prior rays reach
     assert res.log_volume == pytest.approx(truth, abs=1.0)
+
+
+def test_summary_of_smc_names_replicas_and_flags_disagreement():
+    h, c, _ = _ellipsoid(10, 1)
+    res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
+                      measure="uniform", progress=False, replicas=2, method="smc")
+    text = res.summary()
+    assert "2 replicas of 32 particles" in text and "ESS" not in text
+    assert "replicas: " + ", ".join(f"{r:.6g}" for r in res.replicas) in text
+    assert not res.replicas_disagree and "disagree" not in text
+    far = dataclasses.replace(res, replicas=(res.replicas[0], res.replicas[1] - 10.0))
+    assert far.replicas_disagree and "disagree" in far.summary()
+    with pytest.warns(bv.LowESSWarning, match="disagree"):
+        far.warn_if_unreliable()
+
+
+def test_auto_picks_smc_only_where_it_applies():
+    h, c, _ = _ellipsoid(10, 1)
+    fn = lambda th: 0.5 * (h * (th - c) ** 2).sum()  # noqa: E731
+    assert bv.estimate(fn, c, n_samples=32, measure="uniform", progress=False).method == "smc"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        few = bv.estimate(fn, c, n_samples=8, measure="uniform", progress=False)
+        logged = bv.estimate(fn, c, n_samples=32, measure="uniform", progress=False,
+                             callback=lambda record: None)
+    assert few.method == "is" and logged.method == "is"
+    cfg = bv.VolumeConfig(model_type="mlp", n_samples=32, low_memory=True, progress=False)
+    assert not bv.VolumeEstimator.from_config(cfg).runs_smc()

@@ -270,6 +270,16 @@ class VolumeResult:
         return self.n_samples >= 2 and self.ess < min(LOW_ESS, 0.5 * self.n_samples)
 
     @property
+    def replicas_disagree(self) -> bool:
+        """Whether an SMC result's replicas spread by more than :data:`SMC_SPREAD` nats
+        (standard deviation): the run is then not converged. Said by :meth:`summary`,
+        warned by :meth:`warn_if_unreliable`."""
+        logs = torch.tensor(self.replicas, dtype=torch.float64)
+        if self.method != "smc" or logs.numel() < 2 or not bool(torch.isfinite(logs).any()):
+            return False
+        return not float(logs.std()) <= SMC_SPREAD
+
+    @property
     def n_failed(self) -> int:
         """Directions whose radius search did not converge."""
         return sum(s != "converged" for s in self.status)
@@ -339,9 +349,8 @@ class VolumeResult:
         ``log_volume``, so in a loop over checkpoints each untrustworthy one is flagged.
         """
         if self.method == "smc":
-            logs = torch.tensor(self.replicas, dtype=torch.float64)
-            spread = logs.std()
-            if bool(torch.isfinite(logs).any()) and len(logs) >= 2 and not spread <= SMC_SPREAD:
+            if self.replicas_disagree:
+                spread = torch.tensor(self.replicas, dtype=torch.float64).std()
                 warn_every_time(
                     f"log_volume {self.log_volume:.6g}: the {len(self.replicas)} SMC replicas "
                     f"disagree (standard deviation {float(spread):.3g} nats), so the estimate "
@@ -380,6 +389,11 @@ class VolumeResult:
                 f"{info.get('levels')}, objective evaluations {int(self.n_evals.sum())} in all"
             )
             lines.append("replicas: " + ", ".join(f"{r:.6g}" for r in self.replicas))
+            if self.replicas_disagree:
+                lines.append(
+                    f"warning: the replicas disagree by more than {SMC_SPREAD:g} nats (standard "
+                    "deviation), so the estimate is not converged; raise n_samples or n_moves"
+                )
         else:
             lines.append(
                 f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
