@@ -389,3 +389,17 @@ def test_auto_picks_smc_only_where_it_applies():
     assert few.method == "is" and logged.method == "is"
     cfg = bv.VolumeConfig(model_type="mlp", n_samples=32, low_memory=True, progress=False)
     assert not bv.VolumeEstimator.from_config(cfg).runs_smc()
+
+
+def test_an_estimate_below_the_importance_floor_is_flagged():
+    """Markov's inequality: a plain importance-sampling estimate made on the way bounds the
+    truth from below (95%); an SMC interval wholly below that bound is said to be wrong."""
+    h, c, _ = _ellipsoid(10, 1)
+    res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
+                      measure="uniform", progress=False, replicas=2, method="smc")
+    assert not res.below_importance
+    smc = {**res.meta["smc"], "importance_floor": res.log_volume + 50.0}
+    low = dataclasses.replace(res, meta={**res.meta, "smc": smc})
+    assert low.below_importance and "Markov" in low.summary()
+    with pytest.warns(bv.LowESSWarning, match="Markov"):
+        low.warn_if_unreliable()

@@ -280,6 +280,20 @@ class VolumeResult:
         return not float(logs.std()) <= SMC_SPREAD
 
     @property
+    def below_importance(self) -> bool:
+        """Whether an SMC result's whole interval lies below ``meta["smc"]
+        ["importance_floor"]``, a 95% lower bound on the truth from the plain importance
+        sampling the run did on its way (:attr:`basin_volume.smc.SMCRun.importance`): the
+        path then lost the basin's mass, and the estimate is too low. Said by
+        :meth:`summary`, warned by :meth:`warn_if_unreliable`."""
+        floor = (self.meta.get("smc") or {}).get("importance_floor")
+        if self.method != "smc" or floor is None or not math.isfinite(self.log_volume):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.interval(0.95)[1] < floor
+
+    @property
     def n_failed(self) -> int:
         """Directions whose radius search did not converge."""
         return sum(s != "converged" for s in self.status)
@@ -349,6 +363,12 @@ class VolumeResult:
         ``log_volume``, so in a loop over checkpoints each untrustworthy one is flagged.
         """
         if self.method == "smc":
+            if self.below_importance:
+                warn_every_time(
+                    f"log_volume {self.log_volume:.6g}: {self._below_importance_text()}",
+                    LowESSWarning,
+                    stacklevel=stacklevel,
+                )
             if self.replicas_disagree:
                 spread = torch.tensor(self.replicas, dtype=torch.float64).std()
                 warn_every_time(
@@ -370,6 +390,15 @@ class VolumeResult:
                 stacklevel=stacklevel,
             )
 
+    def _below_importance_text(self) -> str:
+        floor = self.meta["smc"]["importance_floor"]
+        return (
+            f"importance sampling on the way puts the truth above {floor:.6g} (95%, by "
+            "Markov's inequality), above this SMC interval: the path lost part of the basin "
+            "and the estimate is too low; raise n_samples or n_moves, or give a better "
+            "preconditioner"
+        )
+
     def summary(self) -> str:
         """A few lines for people: the estimate, its interval and how far to trust it."""
         what = "log probability" if self.measure == "gaussian" else "log volume"
@@ -389,6 +418,8 @@ class VolumeResult:
                 f"{info.get('levels')}, objective evaluations {int(self.n_evals.sum())} in all"
             )
             lines.append("replicas: " + ", ".join(f"{r:.6g}" for r in self.replicas))
+            if self.below_importance:
+                lines.append(f"warning: {self._below_importance_text()}")
             if self.replicas_disagree:
                 lines.append(
                     f"warning: the replicas disagree by more than {SMC_SPREAD:g} nats (standard "

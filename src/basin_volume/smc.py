@@ -69,6 +69,7 @@ objective (batched, on any device) is the caller's business.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Generator
 
@@ -170,6 +171,7 @@ def smc_sampler(
         return x, radii, ell - q.log_density(omega)
 
     ess_start = math.nan
+    importance = []  # plain importance-sampling estimates on the way (SMCRun.importance)
     if sigma is not None:
         # Prior rays first. Their weights w lie in [0, 1], so Var w <= E w = P and the relative
         # standard error of a mean of n of them is at most 1/sqrt(nP): a pilot batch's estimate
@@ -191,6 +193,7 @@ def smc_sampler(
             return SMCRun(_log_mean_exp(log_w), "is", 0, _ess(log_w), (), (), r, log_w)
         ess_start, slope, r = _ess(ell), radii.slope, radii.radius
         pilot = _log_mean_exp(ell)
+        importance.append(pilot)
     if callable(start):
         start = start()
     reach = -math.inf  # the informed proposal's estimate (low when its weights are uneven)
@@ -201,19 +204,22 @@ def smc_sampler(
         if ess_start >= ess_target * n:
             return SMCRun(_log_mean_exp(ell_s), "is", 0, ess_start, (), (), radii_s.radius, ell_s)
         reach = _log_mean_exp(ell_s)
+        importance.append(reach)
     if sigma is not None and max(pilot, reach) > _ANNEAL_FROM:
         # The basin holds a part of the prior that annealing the cutoff reaches in a few tens
         # of levels: the path that needs no proposal to be right. It starts from N prior rays.
         x, radii, _ = yield from weigh(prior)
-        return (yield from _annealed(
+        run = yield from _annealed(
             prior, x, radii, theta0, path, n_moves=n_moves, ess_target=ess_target,
             gen=gen, ess_start=ess_start,
-        ))
+        )
+        return dataclasses.replace(run, importance=tuple(importance))
     if start is not None:
-        return (yield from _tempered(
+        run = yield from _tempered(
             start, xs, radii_s, ell_s, theta0, path, n_moves=n_moves, ess_target=ess_target,
             gen=gen, ess_start=ess_start,
-        ))
+        )
+        return dataclasses.replace(run, importance=tuple(importance))
 
     # The cooling path's start: uniform directions, weighted to pi_{a0}.
     omega = _unit(normals(n))
@@ -282,7 +288,8 @@ def smc_sampler(
             phi = torch.where(acc, phi_new, phi)
             rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
         acceptance.append(sum(accepted) / max(len(accepted), 1))
-    return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance), r, log_i)
+    return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance), r, log_i,
+                  tuple(importance))
 
 
 def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:

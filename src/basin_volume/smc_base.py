@@ -65,6 +65,12 @@ class SMCRun:
         The final particles' radii.
     log_integrals : torch.Tensor
         The final particles' :math:`\\log I(\\omega)` under the target measure.
+    importance : tuple of float
+        Plain importance-sampling estimates of :math:`\\log\\mu(K)` the run made on its way
+        (from the prior-ray pilot, then the informed proposal), each from exact weights, so
+        unbiased in :math:`\\mu(K)`: by Markov's inequality one exceeds the truth by
+        :math:`x` nats with probability at most :math:`e^{-x}`. A path's estimate far below
+        them is wrong (:attr:`basin_volume.VolumeResult.below_importance`).
     """
 
     log_z: float
@@ -75,6 +81,7 @@ class SMCRun:
     acceptance: tuple[float, ...] = ()
     radii: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     log_integrals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    importance: tuple[float, ...] = ()
 
 
 def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:
