@@ -403,3 +403,35 @@ def test_an_estimate_below_the_importance_floor_is_flagged():
     assert low.below_importance and "Markov" in low.summary()
     with pytest.warns(bv.LowESSWarning, match="Markov"):
         low.warn_if_unreliable()
+
+
+def test_curvature_proposal_moves_its_mean_to_the_real_wall():
+    """A basin shorter than its Hessian says (a quartic term): the mean goes to the radius
+    measured along its direction; on a quadratic basin it stays where it was."""
+    from basin_volume.curvature import CurvatureProposal, curvature_proposal, hessian, wall_scale
+
+    dim, eps = 30, 1e-2
+    g = torch.Generator().manual_seed(3)
+    h = 10 ** (2 * torch.rand(dim, generator=g, dtype=torch.float64))
+    c = torch.randn(dim, generator=g, dtype=torch.float64)
+    sigma = float(c.norm()) / math.sqrt(dim) / 10  # the prior's bulk outside the basin
+
+    def quadratic(th):
+        return 0.5 * (h * (th - c) ** 2).sum()
+
+    def quartic(th):
+        return quadratic(th) + 50.0 * ((th - c) ** 2).sum() ** 2
+
+    plain = curvature_proposal(hessian(quadratic, c, dense=False), c, cutoff=eps, sigma=sigma)
+    kept = CurvatureProposal(quadratic, c, cutoff=eps, sigma=sigma)()
+    torch.testing.assert_close(kept.mean, plain.mean, rtol=1e-4, atol=0)
+    moved = CurvatureProposal(quartic, c, cutoff=eps, sigma=sigma)()
+    unit = plain.mean / plain.mean.norm()
+    a, b = float(unit @ (h * unit)), 50.0  # delta(t) = a t^2 / 2 + b t^4 along the mean
+    radius = math.sqrt((-a / 2 + math.sqrt(a * a / 4 + 4 * b * eps)) / (2 * b))
+    assert radius < 0.9 * float(plain.mean.norm())  # the quartic term matters here
+    assert float(moved.mean.norm()) == pytest.approx(radius, rel=1e-3)
+    torch.testing.assert_close(moved.mean / moved.mean.norm(), unit)
+    # never past the point of the ray closest to the origin, where the prior is densest
+    assert wall_scale(-c, c, 10 * float(c.norm())) == pytest.approx(1.0)
+    assert wall_scale(-c, c, 0.5 * float(c.norm())) == pytest.approx(0.5)

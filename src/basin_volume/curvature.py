@@ -18,7 +18,10 @@ where the basin is narrower than the prior, like the prior rays' where the basin
 When the prior's own bulk lies outside the ellipsoid (a narrow prior, or a centre far from
 it), the basin's prior mass crowds against the wall at its most probable point, and
 :math:`\kappa` grows to the Lagrange multiplier that puts :math:`\mu` on the wall
-(:func:`_stiffness`). Negative curvature (not a minimum) is clipped to flat.
+(:func:`_stiffness`). Negative curvature (not a minimum) is clipped to flat. A real basin is
+rarely quadratic that far out, and the prior's density changes fast across the wall, so
+:class:`CurvatureProposal` then measures the basin's radius along the mean's direction (one
+radius search) and moves the mean to the most probable point inside it (:func:`wall_scale`).
 
 The Hessian comes from :mod:`torch.func` (reverse over reverse, in chunks of rows): dense up to
 :data:`DENSE_MAX_DIM` parameters, its diagonal up to :data:`MAX_DIM`, nothing beyond (each row
@@ -34,15 +37,17 @@ from collections.abc import Callable
 import torch
 
 from .projected_normal import ProjectedNormal
+from .radius import RayStatus, find_radius
 
 __all__ = [
     "DENSE_MAX_DIM", "EVALS_PER_HVP", "MAX_DIM", "CurvatureProposal", "curvature_proposal",
-    "hessian",
+    "hessian", "wall_scale",
 ]
 
 DENSE_MAX_DIM = 2000  # a dense eigendecomposition costs O(D^3) and dense moves O(N D^2)
 MAX_DIM = 20000
 EVALS_PER_HVP = 4  # a gradient costs about two evaluations, a Hessian-vector product two more
+_WALL_EVALS = 40  # evaluations of the radius search along the proposal's mean at most
 
 
 def hessian(
@@ -150,6 +155,23 @@ def _stiffness(m: torch.Tensor, b: torch.Tensor, sigma: float, d: int) -> float:
     return hi
 
 
+def wall_scale(mean: torch.Tensor, center: torch.Tensor, radius: float) -> float:
+    r"""The factor that moves the proposal's mean :math:`\mu` to the most probable point of
+    the basin along its own direction :math:`\hat\mu`.
+
+    Under the prior :math:`N(0, \sigma^2 I)` the density along the ray
+    :math:`\theta_0 + t\hat\mu` grows until :math:`t^* = -\hat\mu\cdot\theta_0`, the
+    point closest to the origin, so the most probable point of the segment inside the basin
+    is at :math:`\min(r, t^*)`, with :math:`r` the ray's measured radius. The quadratic
+    picture puts :math:`\mu` on its ellipsoid's wall; where the basin is shorter or longer
+    than the ellipsoid along :math:`\hat\mu`, this moves it to the real one (1 when the
+    basin is quadratic there).
+    """
+    norm = float(mean.norm())
+    closest = -float(mean @ center.to(mean)) / norm
+    return min(radius, max(closest, 0.0)) / norm if norm > 0 else 1.0
+
+
 class CurvatureProposal:
     """:func:`curvature_proposal` for ``fn``, built when first called (``None`` if it cannot be).
 
@@ -173,6 +195,28 @@ class CurvatureProposal:
             self._proposal = self._build()
         return self._proposal
 
+    def _on_the_wall(self, q: ProjectedNormal, h: torch.Tensor) -> ProjectedNormal:
+        """``q`` with its mean moved by :func:`wall_scale` where the quadratic picture put
+        it on its ellipsoid's wall (:math:`\\mu^\\top M\\mu = 1`: the prior's bulk lies
+        outside): one radius search along the mean's direction, counted in ``evals``."""
+        fn, center, cutoff, _ = self._args
+        c = center.detach()
+        mean = q.mean
+        quadratic = float(mean.norm())
+        h = h.to(torch.float64).clamp_min(0.0) if h.ndim == 1 else h.to(torch.float64)
+        form = float((h * mean**2).sum() if h.ndim == 1 else mean @ h @ mean) / (2 * cutoff)
+        if quadratic == 0 or form < 1.0 - 1e-6:
+            return q  # the mean is inside the ellipsoid: the basin's mass is not at a wall
+        unit = (mean / quadratic).to(c)
+        with torch.no_grad():
+            f0 = float(fn(c))
+            found = find_radius(lambda t: float(fn(c + t * unit)) - f0, cutoff,
+                                guess=quadratic, rtol=1e-4, max_evals=_WALL_EVALS)
+        self.evals += found.n_evals + 1
+        if found.status is not RayStatus.CONVERGED:
+            return q
+        return ProjectedNormal(q.cov, mean * wall_scale(mean, c, found.radius))
+
     def _build(self) -> ProjectedNormal | None:
         fn, center, cutoff, sigma = self._args
         d = center.numel()
@@ -184,7 +228,8 @@ class CurvatureProposal:
         try:
             self.evals = d * EVALS_PER_HVP
             h = hessian(fn, center, dense=d <= DENSE_MAX_DIM)
-            return curvature_proposal(h, center, cutoff=cutoff, sigma=sigma)
+            q = curvature_proposal(h, center, cutoff=cutoff, sigma=sigma)
+            return q if sigma is None else self._on_the_wall(q, h)
         except Exception as err:  # noqa: BLE001 - any failure means: no curvature here
             if self.required:
                 raise ValueError(f"curvature='hessian' failed: {err}") from err
