@@ -20,8 +20,9 @@ it), the basin's prior mass crowds against the wall at its most probable point, 
 :math:`\kappa` grows to the Lagrange multiplier that puts :math:`\mu` on the wall
 (:func:`_stiffness`). Negative curvature (not a minimum) is clipped to flat. A real basin is
 rarely quadratic that far out, and the prior's density changes fast across the wall, so
-:class:`CurvatureProposal` then measures the basin's radius along the mean's direction (one
-radius search) and moves the mean to the most probable point inside it (:func:`wall_scale`).
+:class:`CurvatureProposal` then measures the basin's radius along directions between the
+mean's and the prior mean's (a dozen radius searches) and moves the mean to the most probable
+point of the real wall it finds (:func:`wall_scale`).
 
 The Hessian comes from :mod:`torch.func` (reverse over reverse, in chunks of rows): dense up to
 :data:`DENSE_MAX_DIM` parameters, its diagonal up to :data:`MAX_DIM`, nothing beyond (each row
@@ -47,7 +48,8 @@ __all__ = [
 DENSE_MAX_DIM = 2000  # a dense eigendecomposition costs O(D^3) and dense moves O(N D^2)
 MAX_DIM = 20000
 EVALS_PER_HVP = 4  # a gradient costs about two evaluations, a Hessian-vector product two more
-_WALL_EVALS = 40  # evaluations of the radius search along the proposal's mean at most
+_WALL_EVALS = 40  # evaluations of each radius search for the proposal's wall point at most
+_WALL_STEPS = 8  # golden sections of the search for the most probable wall point
 
 
 def hessian(
@@ -196,10 +198,18 @@ class CurvatureProposal:
         return self._proposal
 
     def _on_the_wall(self, q: ProjectedNormal, h: torch.Tensor) -> ProjectedNormal:
-        """``q`` with its mean moved by :func:`wall_scale` where the quadratic picture put
-        it on its ellipsoid's wall (:math:`\\mu^\\top M\\mu = 1`: the prior's bulk lies
-        outside): one radius search along the mean's direction, counted in ``evals``."""
-        fn, center, cutoff, _ = self._args
+        r"""``q`` with its mean moved to the most probable point of the basin's real wall
+        found near it, where the quadratic picture put it on its ellipsoid's wall
+        (:math:`\mu^\top M\mu = 1`: the prior's bulk lies outside).
+
+        The directions searched run along the great circle from :math:`\hat\mu` to
+        :math:`-\hat\theta_0` (towards the prior's mean), :math:`u(s) \propto (1-s)\hat\mu
+        - s\hat\theta_0`; along each, one radius search and :func:`wall_scale` give the most
+        probable point inside the basin, and golden sections in :math:`s` maximise its prior
+        density. On a quadratic basin :math:`\mu` is that point already. The evaluations
+        are counted in ``evals``.
+        """
+        fn, center, cutoff, sigma = self._args
         c = center.detach()
         mean = q.mean
         quadratic = float(mean.norm())
@@ -207,15 +217,44 @@ class CurvatureProposal:
         form = float((h * mean**2).sum() if h.ndim == 1 else mean @ h @ mean) / (2 * cutoff)
         if quadratic == 0 or form < 1.0 - 1e-6:
             return q  # the mean is inside the ellipsoid: the basin's mass is not at a wall
-        unit = (mean / quadratic).to(c)
+        theta0 = c.to("cpu", torch.float64)
+        ends = (mean / quadratic, -theta0 / max(float(theta0.norm()), 1e-300))
         with torch.no_grad():
             f0 = float(fn(c))
-            found = find_radius(lambda t: float(fn(c + t * unit)) - f0, cutoff,
-                                guess=quadratic, rtol=1e-4, max_evals=_WALL_EVALS)
-        self.evals += found.n_evals + 1
-        if found.status is not RayStatus.CONVERGED:
-            return q
-        return ProjectedNormal(q.cov, mean * wall_scale(mean, c, found.radius))
+        self.evals += 1
+        points: dict[float, tuple[float, torch.Tensor]] = {}
+
+        def score(s_: float) -> float:
+            u = (1 - s_) * ends[0] + s_ * ends[1]
+            u = u / u.norm()
+            unit = u.to(c)
+            with torch.no_grad():
+                found = find_radius(lambda t: float(fn(c + t * unit)) - f0, cutoff,
+                                    guess=quadratic, rtol=1e-4, max_evals=_WALL_EVALS)
+            self.evals += found.n_evals
+            if found.status is not RayStatus.CONVERGED:
+                points[s_] = (-math.inf, mean)
+            else:
+                x = u * wall_scale(u, theta0, found.radius)  # |u| = 1
+                points[s_] = (-float((theta0 + x).square().sum()) / (2 * sigma**2), x)
+            return points[s_][0]
+
+        lo, hi = 0.0, 1.0
+        score(lo), score(hi)
+        g = (math.sqrt(5) - 1) / 2
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        fa, fb = score(a), score(b)
+        for _ in range(_WALL_STEPS):
+            if fa >= fb:
+                hi, b, fb = b, a, fa
+                a = hi - g * (hi - lo)
+                fa = score(a)
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + g * (hi - lo)
+                fb = score(b)
+        best, x = max(points.values(), key=lambda v: v[0])
+        return q if not math.isfinite(best) else ProjectedNormal(q.cov, x)
 
     def _build(self) -> ProjectedNormal | None:
         fn, center, cutoff, sigma = self._args
