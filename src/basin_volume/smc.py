@@ -9,9 +9,9 @@ what cheap first looks at the basin show:
 1. **Prior rays** (Gaussian measure). A ray's weight is the prior mass of that ray inside the
    basin, in [0, 1], so with :math:`P` the basin's probability the relative standard error
    of :math:`n` of them is at most :math:`1/\sqrt{nP}`. A pilot (a quarter of a batch)
-   estimates :math:`P`;
-   if at most :data:`_MAX_RAY_BATCHES` batches bring that bound to :data:`_BOUNDED_RSE`, they
-   are drawn afresh and their mean is the answer (exact for a basin that is the whole space).
+   estimates :math:`P`; if at most :data:`_MAX_RAY_BATCHES` batches bring that bound to
+   :data:`_BOUNDED_RSE`, they are drawn afresh and their mean is the answer (exact for a basin
+   that is the whole space).
 2. **An informed proposal** (the Hessian's, :mod:`basin_volume.curvature`, or the user's
    diagonal preconditioner): importance sampling from it when its ESS is at least half the
    particles (exact for a quadratic basin).
