@@ -344,11 +344,6 @@ def _demo(args: argparse.Namespace) -> int:
     run = train_digits_mlp(seed=args.seed)
     dim = sum(p.numel() for p in run.model.parameters())
     print(f"  test accuracy {run.accuracy:.3f}, D = {dim} parameters", flush=True)
-    print(
-        f"estimating its KL basin (cutoff {args.cutoff:g} nats) under the Gaussian prior "
-        f"with {args.n_samples} directions...",
-        flush=True,
-    )
     cfg = VolumeConfig(
         model_type="mlp",
         model=run.model,
@@ -358,9 +353,14 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    estimator = VolumeEstimator.from_config(cfg)
+    how = (f"by SMC, {args.n_samples} particles x {cfg.replicas} replicas"
+           if estimator.runs_smc() else f"with {args.n_samples} directions")
+    print(f"estimating its KL basin (cutoff {args.cutoff:g} nats) under the Gaussian prior "
+          f"{how}...", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the summary below states the same caveats
-        result = VolumeEstimator.from_config(cfg).run()
+        result = estimator.run()
     print(result.summary())
     print(f"information content: {result.information:.6g} nats")
     print(f"done in {time.perf_counter() - started:.1f} s")
