@@ -67,7 +67,8 @@ class SMCRun:
         The final particles' :math:`\\log I(\\omega)` under the target measure.
     importance : tuple of float
         Plain importance-sampling estimates of :math:`\\log\\mu(K)` the run made on its way
-        (from the prior-ray pilot, then the informed proposal), each from exact weights, so
+        (isotropic directions, the prior-ray pilot, the informed proposal), each from exact
+        weights, so
         unbiased in :math:`\\mu(K)`: by Markov's inequality one exceeds the truth by
         :math:`x` nats with probability at most :math:`e^{-x}`. A path's estimate far below
         them is wrong (:attr:`basin_volume.VolumeResult.below_importance`).
