@@ -68,8 +68,7 @@ class SMCRun:
     importance : tuple of float
         Plain importance-sampling estimates of :math:`\\log\\mu(K)` the run made on its way
         (isotropic directions, the prior-ray pilot, the informed proposal), each from exact
-        weights, so
-        unbiased in :math:`\\mu(K)`: by Markov's inequality one exceeds the truth by
+        weights, so unbiased in :math:`\\mu(K)`: by Markov's inequality one exceeds the truth by
         :math:`x` nats with probability at most :math:`e^{-x}`. A path's estimate far below
         them is wrong (:attr:`basin_volume.VolumeResult.below_importance`).
     """
