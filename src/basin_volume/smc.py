@@ -172,12 +172,14 @@ def smc_sampler(
 
     ess_start = math.nan
     importance = []  # plain importance-sampling estimates on the way (SMCRun.importance)
-    # Isotropic directions (importance sampling's classic proposal) for the importance floor
-    # alone; drawn from their own generator, so that they leave the path's draws as they were.
-    probe = torch.randn(n, d, generator=torch.Generator().manual_seed((seed + 1) % 2**63),
+    # Isotropic directions (importance sampling's classic proposal), a quarter of a batch, for
+    # the importance floor alone; drawn from their own generator, so that they leave the
+    # path's draws as they were.
+    k = max(_MIN_PILOT, n // 4)
+    probe = torch.randn(k, d, generator=torch.Generator().manual_seed((seed + 1) % 2**63),
                         dtype=torch.float64)
-    radii = yield RadiusRequest(_unit(probe), torch.full((n,), math.nan),
-                                torch.full((n,), math.nan))
+    radii = yield RadiusRequest(_unit(probe), torch.full((k,), math.nan),
+                                torch.full((k,), math.nan))
     log_w = log_sphere_area(d) + path.log_mass(path.end, radii.radius, _unit(probe) @ theta0)
     importance.append(_log_mean_exp(log_w))
     if sigma is not None:
