@@ -176,11 +176,10 @@ def smc_sampler(
     # the importance floor alone; drawn from their own generator, so that they leave the
     # path's draws as they were.
     k = max(_MIN_PILOT, n // 4)
-    probe = torch.randn(k, d, generator=torch.Generator().manual_seed((seed + 1) % 2**63),
-                        dtype=torch.float64)
-    radii = yield RadiusRequest(_unit(probe), torch.full((k,), math.nan),
-                                torch.full((k,), math.nan))
-    log_w = log_sphere_area(d) + path.log_mass(path.end, radii.radius, _unit(probe) @ theta0)
+    probe = _unit(torch.randn(k, d, generator=torch.Generator().manual_seed((seed + 1) % 2**63),
+                              dtype=torch.float64))
+    radii = yield RadiusRequest(probe, torch.full((k,), math.nan), torch.full((k,), math.nan))
+    log_w = log_sphere_area(d) + path.log_mass(path.end, radii.radius, probe @ theta0)
     importance.append(_log_mean_exp(log_w))
     if sigma is not None:
         # Prior rays first. Their weights w lie in [0, 1], so Var w <= E w = P and the relative
