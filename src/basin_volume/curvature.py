@@ -41,13 +41,14 @@ from .projected_normal import ProjectedNormal
 from .radius import RayStatus, find_radius
 
 __all__ = [
-    "DENSE_MAX_DIM", "EVALS_PER_HVP", "MAX_DIM", "CurvatureProposal", "curvature_proposal",
-    "hessian", "wall_scale",
+    "DENSE_MAX_DIM", "EVALS_PER_GRADIENT", "EVALS_PER_HVP", "MAX_DIM", "CurvatureProposal",
+    "curvature_proposal", "gradients", "hessian", "wall_scale",
 ]
 
 DENSE_MAX_DIM = 2000  # a dense eigendecomposition costs O(D^3) and dense moves O(N D^2)
 MAX_DIM = 20000
-EVALS_PER_HVP = 4  # a gradient costs about two evaluations, a Hessian-vector product two more
+EVALS_PER_GRADIENT = 2  # a gradient costs about two evaluations
+EVALS_PER_HVP = 4  # a Hessian-vector product two more
 _WALL_EVALS = 40  # evaluations of each radius search for the proposal's wall point at most
 _WALL_STEPS = 8  # golden sections of the search for the most probable wall point
 
@@ -84,6 +85,26 @@ def hessian(
     if not bool(torch.isfinite(out).all()):
         raise ValueError("the Hessian of fn at the centre is not finite")
     return out
+
+
+def gradients(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, *,
+              chunk: int = 64) -> torch.Tensor:
+    """The gradient of ``fn`` at each row of ``points`` (``[B, D]``), float64 on the CPU.
+
+    ``chunk`` rows at a time through :func:`torch.func.vmap` of :func:`torch.func.grad`, or
+    one row at a time where ``fn`` cannot be vectorised. Raises whatever :mod:`torch.func`
+    raises when ``fn`` is not differentiable by it.
+    """
+    grad = torch.func.grad(fn)
+    out = []
+    for start in range(0, points.shape[0], chunk):
+        rows = points[start : start + chunk]
+        try:
+            block = torch.func.vmap(grad)(rows)
+        except Exception:  # noqa: BLE001 - fn does not vectorise: row by row
+            block = torch.stack([grad(row) for row in rows])
+        out.append(block.detach().to("cpu", torch.float64))
+    return torch.cat(out) if out else torch.empty(0, points.shape[1], dtype=torch.float64)
 
 
 def curvature_proposal(

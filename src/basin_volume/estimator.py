@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from . import checks
-from .curvature import CurvatureProposal
+from .curvature import MAX_DIM, CurvatureProposal
 from .distributed import init_from_env, world
 from .preconditioners import DiagonalPreconditioner, Preconditioner, as_preconditioner
 from .ray_loop import RadiusSearchWarning, _version, run_directions, run_rays
@@ -122,6 +122,7 @@ def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budg
             "curvature": curvature,
         },
         start=start,
+        fn=fn if curvature != "none" and rays.dim <= MAX_DIM else None,
     )
     result.warn_if_unreliable(stacklevel=4)
     failed = result.meta["failed_searches"]

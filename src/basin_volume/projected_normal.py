@@ -98,6 +98,30 @@ class ProjectedNormal:
             + torch.from_numpy(np.asarray(log_j, dtype=np.float64)).reshape(a.shape)
         )
 
+    def grad_log_density(self, omega: torch.Tensor) -> torch.Tensor:
+        r"""The gradient in :math:`\omega` (ambient, ``[N, D]``) of :meth:`log_density`'s
+        formula: with :math:`a, b` of :meth:`quadratic`, :math:`-D\,C^{-1}\omega/a` when
+        :math:`m = 0`, else :math:`-\mathbb{E}[R^2]\,C^{-1}\omega + \mathbb{E}[R]\,C^{-1}m`
+        under :math:`R \mid \omega` (:math:`\partial_a \log J = -\mathbb{E}[R^2]/2`,
+        :math:`\partial_b \log J = \mathbb{E}[R]`). Only its part tangent to the sphere
+        means anything."""
+        s = self.solve(omega)
+        a = (omega * s).sum(-1)
+        if self.mean is None:
+            return -self.dim * s / a[:, None]
+        b = s @ self.mean
+        n, an, bn = self.dim - 1, a.numpy(), b.numpy()
+        log_j = log_radial_integral(math.inf, n, an, bn)
+        e1, e2 = (
+            torch.from_numpy(np.exp(log_radial_integral(math.inf, n + k, an, bn) - log_j))
+            for k in (1, 2)
+        )
+        return -e2[:, None] * s + e1[:, None] * self.solve(self.mean)[None, :]
+
+    def times_cov(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`C v` for rows ``v`` ``[N, D]``."""
+        return v * self.cov if self._chol is None else v @ self.cov
+
     def radial(self, omega: torch.Tensor, gen: torch.Generator, *, steps: int = 6) -> torch.Tensor:
         """Draw :math:`R \\mid \\omega`, density :math:`\\propto R^{D-1} e^{-aR^2/2 + bR}`.
 

@@ -80,6 +80,7 @@ from .integrals import log_sphere_area
 from .projected_normal import ProjectedNormal
 from .smc_base import (
     _ACCEPT_TARGET,
+    GradientRequest,
     Radii,
     RadiusRequest,
     SMCRun,
@@ -93,7 +94,7 @@ from .smc_base import (
 )
 from .smc_paths import _annealed, _tempered
 
-__all__ = ["Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
+__all__ = ["GradientRequest", "Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 
 _START_ESS = 0.9  # ESS fraction required of the cooling path's first weighting
 _MAX_RAY_BATCHES = 8  # batches of prior rays drawn at most after the pilot
@@ -112,7 +113,8 @@ def smc_sampler(
     start: ProjectedNormal | Callable[[], ProjectedNormal | None] | None = None,
     dense: bool = False,
     ess_target: float = 0.5,
-) -> Generator[RadiusRequest, Radii, SMCRun]:
+    gradients: bool = False,
+) -> Generator[RadiusRequest | GradientRequest, Radii | torch.Tensor | None, SMCRun]:
     r"""Estimate :math:`\log\mu(K)` by SMC along the Gaussian-cooling path.
 
     Parameters
@@ -139,11 +141,16 @@ def smc_sampler(
         and biased the estimate in tests (docs/accuracy.md).
     ess_target : float
         Fraction of :math:`N` the ESS of each level's incremental weights is held to.
+    gradients : bool
+        Ask for the gradient of :math:`\delta` at the rays' walls (:class:`GradientRequest`)
+        to steer the tempering path's moves (Hamiltonian Monte Carlo, see
+        :func:`basin_volume.smc_paths._move`).
 
     Yields
     ------
-    RadiusRequest
-        Directions whose radii are needed next; send back :class:`Radii`.
+    RadiusRequest or GradientRequest
+        Directions whose radii are needed next (send back :class:`Radii`), or wall points
+        whose gradients are (send back a ``[B, D]`` tensor, or ``None``).
 
     Returns
     -------
@@ -226,7 +233,7 @@ def smc_sampler(
     if start is not None:
         run = yield from _tempered(
             start, xs, radii_s, ell_s, theta0, path, n_moves=n_moves, ess_target=ess_target,
-            gen=gen, ess_start=ess_start,
+            gen=gen, ess_start=ess_start, gradients=gradients,
         )
         return dataclasses.replace(run, importance=tuple(importance))
 

@@ -21,7 +21,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .curvature import CurvatureProposal
+from .curvature import EVALS_PER_GRADIENT, CurvatureProposal, gradients
 from .directions import direction_seed
 from .integrals import log_sphere_area
 from .preconditioners import DiagonalPreconditioner, as_preconditioner
@@ -29,7 +29,7 @@ from .projected_normal import ProjectedNormal
 from .radius import RayStatus, radius_search
 from .rays import DenseRays
 from .result import VolumeResult
-from .smc import Radii, smc_sampler
+from .smc import GradientRequest, Radii, smc_sampler
 
 __all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
 
@@ -248,6 +248,7 @@ def estimate_smc(
     first_guess: float,
     meta: dict,
     start: ProjectedNormal | CurvatureProposal | None = None,
+    fn=None,
 ) -> VolumeResult:
     """:func:`basin_volume.estimate` with ``method="smc"``; the arguments are documented there.
 
@@ -255,6 +256,10 @@ def estimate_smc(
     and resolved (``sigma`` is ``nan`` for the uniform measure). ``start`` is the informed proposal
     the sampler may temper from (default: the preconditioner's); a
     :class:`~basin_volume.curvature.CurvatureProposal`'s evaluations count against ``budget``.
+    With ``fn`` (the objective, differentiable by :mod:`torch.func`) the moves are steered by
+    its gradient at the rays' walls, each counted as
+    :data:`~basin_volume.curvature.EVALS_PER_GRADIENT` evaluations; where it turns out not to
+    be differentiable they go without.
     """
     pre = as_preconditioner(preconditioner, rays.dim)
     if pre is not None and not isinstance(pre, DiagonalPreconditioner):
@@ -270,6 +275,7 @@ def estimate_smc(
     started = time.perf_counter()
     searched = 0
     runs, failures = [], {}
+    wall_gradients = _WallGradients(fn, rays, batch_size)
     bar = tqdm(total=replicas, disable=not progress, desc="SMC replicas", unit="replica")
     try:
         for rep in range(replicas):
@@ -280,22 +286,28 @@ def estimate_smc(
                 n_moves=n_moves,
                 seed=direction_seed(seed, rep),
                 start=start,
+                gradients=fn is not None,
             )
             request = next(sampler)
             while True:
-                known = torch.isfinite(request.guesses) & (request.guesses > 0)
-                guesses = torch.where(known, request.guesses, first_guess)
-                found = search_radii(
-                    rays, request.omegas, guesses, request.slopes, f0=f0,
-                    cutoff=cutoff * request.level,
-                    rtol=rtol, max_radius=max_radius, max_evals=max_evals,
-                    batch_size=batch_size,
-                )
-                searched += int(found["n_evals"].sum())
-                spent = searched + getattr(start, "evals", 0)
-                for st in found["status"]:
-                    if st not in ("converged", "unbounded"):
-                        failures[st] = failures.get(st, 0) + 1
+                if isinstance(request, GradientRequest):
+                    reply = wall_gradients(request)
+                else:
+                    known = torch.isfinite(request.guesses) & (request.guesses > 0)
+                    guesses = torch.where(known, request.guesses, first_guess)
+                    found = search_radii(
+                        rays, request.omegas, guesses, request.slopes, f0=f0,
+                        cutoff=cutoff * request.level,
+                        rtol=rtol, max_radius=max_radius, max_evals=max_evals,
+                        batch_size=batch_size,
+                    )
+                    searched += int(found["n_evals"].sum())
+                    for st in found["status"]:
+                        if st not in ("converged", "unbounded"):
+                            failures[st] = failures.get(st, 0) + 1
+                    reply = Radii(found["radius"], found["slope"])
+                spent = (searched + getattr(start, "evals", 0)
+                         + EVALS_PER_GRADIENT * wall_gradients.count)
                 if budget is not None and spent > budget:
                     raise BudgetExhausted(
                         f"budget={budget} evaluations ran out in SMC replica {rep + 1} of "
@@ -303,7 +315,7 @@ def estimate_smc(
                     )
                 bar.set_postfix(evals=spent)
                 try:
-                    request = sampler.send(Radii(found["radius"], found["slope"]))
+                    request = sampler.send(reply)
                 except StopIteration as stop:
                     runs.append(stop.value)
                     break
@@ -311,10 +323,38 @@ def estimate_smc(
     finally:
         bar.close()
         rays.restore()
-    spent = searched + getattr(start, "evals", 0)
-    meta = {**meta, "curvature_evals": getattr(start, "evals", 0)}
+    spent = searched + getattr(start, "evals", 0) + EVALS_PER_GRADIENT * wall_gradients.count
+    meta = {**meta, "curvature_evals": getattr(start, "evals", 0),
+            "gradients": wall_gradients.count}
     return _assemble(runs, failures, spent, dim=rays.dim, measure=measure, cutoff=cutoff,
                      sigma=sigma, rtol=rtol, seed=seed, f0=f0, started=started, meta=meta)
+
+
+class _WallGradients:
+    """Answers :class:`GradientRequest`: the objective's gradient at
+    :math:`\\theta_0 + r\\omega` (zero rows for unbounded rays), or ``None`` from the first time
+    it proves not differentiable by :mod:`torch.func` (an error, or gradients that are all
+    zero). ``count`` is how many it computed."""
+
+    def __init__(self, fn, rays: DenseRays, batch_size: int):
+        self.fn, self.rays, self.batch_size, self.count = fn, rays, batch_size, 0
+
+    def __call__(self, request: GradientRequest) -> torch.Tensor | None:
+        if self.fn is None:
+            return None
+        r = torch.where(torch.isfinite(request.radii), request.radii, 0.0)
+        points = self.rays.center + (r[:, None] * request.omegas).to(self.rays.center)
+        try:
+            out = gradients(self.fn, points, chunk=self.batch_size)
+        except Exception:  # noqa: BLE001 - not differentiable by torch.func: moves go without
+            out = None
+        # delta rises through the cutoff at a wall, so its gradient there is not zero; all
+        # zeros is what torch.func gives for an objective computed outside torch (.item()).
+        if out is None or not bool(out[torch.isfinite(request.radii)].any()):
+            self.fn = None
+            return None
+        self.count += len(r)
+        return out
 
 
 def _assemble(runs, failures, spent, *, dim, measure, cutoff, sigma, rtol, seed, f0, started,

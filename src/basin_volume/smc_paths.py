@@ -5,20 +5,40 @@ use (:func:`_move`). :func:`basin_volume.smc.smc_sampler` picks among them; see 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import smc_base as base
 from .integrals import log_sphere_area
 from .projected_normal import ProjectedNormal
-from .smc_base import Radii, RadiusRequest, SMCRun, _Path
+from .smc_base import GradientRequest, Radii, RadiusRequest, SMCRun, _Path
 
 _MAX_LEVEL = 2.0**20  # largest cutoff multiplier the annealing starts from
+_LEAPFROG = 4  # leapfrog steps of a gradient-steered move
+_HMC_ACCEPT = 0.6  # acceptance rate its step is adapted to
+
+
+@dataclass(frozen=True)
+class _State:
+    """The particles: directions, radii, log-log slopes, log target, and the gradient of
+    :math:`\\delta` at each ray's wall (``None`` until asked for)."""
+
+    omega: torch.Tensor
+    r: torch.Tensor
+    slope: torch.Tensor
+    log_p: torch.Tensor
+    grad: torch.Tensor | None = None
+
+    def __getitem__(self, keep: torch.Tensor) -> _State:
+        return _State(self.omega[keep], self.r[keep], self.slope[keep], self.log_p[keep],
+                      None if self.grad is None else self.grad[keep])
 
 
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int,
-              ess_target: float, gen: torch.Generator, ess_start: float):
+              ess_target: float, gen: torch.Generator, ess_start: float, gradients: bool):
     r"""SMC from the proposal :math:`q` to the target along :math:`\pi_\beta \propto
     q^{1-\beta}\pi^\beta`.
 
@@ -29,14 +49,13 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     learns some of what :math:`q` misses).
     """
     n, d = x.shape
-    r, slope = radii.radius, radii.slope
     omega = base._unit(x)
-    log_p = ell + q.log_density(omega)
+    state = _State(omega, radii.radius, radii.slope, ell + q.log_density(omega))
     log_z, beta = 0.0, 0.0
     rho = {"proposal": 0.5, "fitted": 0.5}
     levels, acceptance = [], []
     if not bool(torch.isfinite(ell).any()):
-        return SMCRun(-math.inf, "smc", 0, ess_start, (), (), r, ell)
+        return SMCRun(-math.inf, "smc", 0, ess_start, (), (), state.r, ell)
 
     def log_target(rr, oo):
         return log_sphere_area(d) + path.log_mass(path.end, rr, oo @ theta0)
@@ -45,21 +64,20 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         beta_next = _next_beta(ell, beta, ess_target * n)
         inc = (beta_next - beta) * ell
         log_z += base._log_mean_exp(inc)
-        keep = base._systematic(inc, gen)
-        omega, r, slope, log_p = omega[keep], r[keep], slope[keep], log_p[keep]
+        state = state[base._systematic(inc, gen)]
         beta = beta_next
         levels.append(beta)
         rates = []
         for move in range(n_moves):
-            omega, r, slope, log_p, rate = yield from _move(
-                move, q, omega, r, slope, log_p, log_target, weight=(beta, 1.0 - beta),
-                rho=rho, path=path, theta0=theta0, gen=gen,
+            state, rate = yield from _move(
+                move, q, state, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
+                theta0=theta0, gen=gen, gradients=gradients,
             )
             rates.append(rate)
-        ell = log_p - q.log_density(omega)
+        ell = state.log_p - q.log_density(state.omega)
         acceptance.append(sum(rates) / max(len(rates), 1))
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  r, log_p - log_sphere_area(d))
+                  state.r, state.log_p - log_sphere_area(d))
 
 
 def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int,
@@ -97,31 +115,28 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         radii = found
     ell = log_p - prior.log_density(omega)
     log_z = base._log_mean_exp(ell)
-    keep = base._systematic(ell, gen)
-    omega, c, r, slope = omega[keep], c[keep], found.radius[keep], found.slope[keep]
-    log_p = log_p[keep]
+    state = _State(omega, found.radius, found.slope, log_p)[base._systematic(ell, gen)]
     levels, acceptance, rho = [level], [], {"proposal": 0.5, "fitted": 0.5}
     while True:
         rates = []
         for move in range(n_moves):
-            state = yield from _move(
-                move, prior, omega, r, slope, log_p, lambda rr, oo: log_target(rr, oo @ theta0),
-                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen, level=level,
+            state, rate = yield from _move(
+                move, prior, state, lambda rr, oo: log_target(rr, oo @ theta0),
+                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
+                gradients=False, level=level,
             )
-            omega, r, slope, log_p, rate = state
             rates.append(rate)
         acceptance.append(sum(rates) / max(len(rates), 1))
         if level == 1.0:
             break
+        omega, r, slope = state.omega, state.r, state.slope
         c = omega @ theta0
-        nxt = _next_cutoff(level, r, slope, c, log_p, log_target, ess_target * n)
+        nxt = _next_cutoff(level, r, slope, c, state.log_p, log_target, ess_target * n)
         found = yield RadiusRequest(omega, _predicted(r, slope, nxt / level), slope, level=nxt)
         log_p_next = log_target(found.radius, c)
-        inc = log_p_next - log_p
+        inc = log_p_next - state.log_p
         log_z += base._log_mean_exp(inc)
-        keep = base._systematic(inc, gen)
-        omega, r, slope = omega[keep], found.radius[keep], found.slope[keep]
-        log_p = log_p_next[keep]
+        state = _State(omega, found.radius, found.slope, log_p_next)[base._systematic(inc, gen)]
         level = nxt
         levels.append(level)
     return SMCRun(log_z, "annealed", len(levels), ess_start, tuple(levels), tuple(acceptance),
@@ -145,46 +160,100 @@ def _next_cutoff(level: float, r, slope, c, log_p, log_target, target: float) ->
     return math.exp(base._step(ok, math.log(level), 0.0))
 
 
-def _move(move: int, q: ProjectedNormal, omega, r, slope, log_p, log_target, *, weight, rho,
-          path: _Path, theta0, gen: torch.Generator, level: float = 1.0):
+def _move(move: int, q: ProjectedNormal, state: _State, log_target, *, weight, rho,
+          path: _Path, theta0, gen: torch.Generator, gradients: bool, level: float = 1.0):
     r"""One Metropolis-Hastings move of every particle, for the target
     :math:`\pi^{w_0} q^{w_1}` (``weight``), alternating references (even moves: ``q``; odd:
     a diagonal normal law fitted to points of the basin along the particles' rays).
 
-    The particles are lifted to :math:`x = \omega R`, :math:`R` from the reference's radial law;
-    a Crank-Nicolson proposal preserves the reference's normal law, so it is accepted with
-    probability :math:`\min(1, w(\hat x')/w(\hat x))`, :math:`w` = target / reference density.
-    Returns the new ``(omega, r, slope, log_p, acceptance rate)``.
+    The particles are lifted to :math:`x = \omega R`, :math:`R` from the reference's radial law
+    given :math:`\omega`, which makes :math:`p(x) = N(x; m, C)\,e^{w(\hat x)}` the lifted
+    target, :math:`w = \log(\text{target}/\text{reference density})` on the sphere.
+
+    Without ``gradients`` the proposal is preconditioned Crank-Nicolson,
+    :math:`x' = m + \sqrt{1-\rho^2}(x - m) + \rho\,C^{1/2}z`, which preserves
+    :math:`N(m, C)` and is accepted with probability :math:`\min(1, e^{w(\hat x') -
+    w(\hat x)})`: enough where the reference fits, blind where the basin bends away from it.
+    With them it is Hamiltonian Monte Carlo split around the reference (Beskos et al. 2011;
+    Shahbaba et al. 2014): momentum :math:`P \sim N(0, C)`, :data:`_LEAPFROG` steps of a kick
+    :math:`P \mathrel{+}= \tfrac\epsilon2 C\nabla w`, the reference's own flow (a rotation
+    by the angle :math:`\epsilon` in :math:`(x - m, P)`, exact for :math:`N(m, C)`) and a
+    second kick, accepted with :math:`e^{-\Delta H}`, :math:`H = \tfrac12 |x - m|^2_{C^{-1}}
+    + \tfrac12 |P|^2_{C^{-1}} - w`. :math:`\nabla w` needs :math:`\nabla\delta` at each
+    ray's wall (:meth:`_Path.grad_log_mass`), asked for with a :class:`GradientRequest`; the
+    objective's answer ``None`` leaves the kicks out. ``rho`` holds the step (:math:`\rho`
+    or :math:`\sin\epsilon`) of each reference, adapted to an acceptance rate near 30%.
+    Returns the new state and the acceptance rate.
     """
-    n, d = omega.shape
+    n, d = state.omega.shape
     kind = "proposal" if move % 2 == 0 else "fitted"
     if kind == "proposal":
         ref = q
     else:
         # Points of the basin along the particles' rays (uniform in it when the particles
         # follow pi), whose covariance is the basin's shape.
-        t = base._truncated_radius(r.clamp_max(1e300), omega @ theta0, path.end, path, gen)
-        ref = ProjectedNormal.fit(omega * t[:, None], dense=False, with_mean=q.mean is not None)
+        t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, path.end,
+                                   path, gen)
+        ref = ProjectedNormal.fit(state.omega * t[:, None], dense=False,
+                                  with_mean=q.mean is not None)
     w_p, w_q = weight
-    log_q = q.log_density(omega)
-    x = omega * ref.radial(omega, gen)[:, None]
-    phi = w_p * log_p + w_q * log_q - ref.log_density(omega)
-    x_new = ref.crank_nicolson(x, rho[kind], torch.randn(n, d, generator=gen, dtype=torch.float64))
-    omega_new = base._unit(x_new)
-    found = yield RadiusRequest(omega_new, r.clone(), slope.clone(), level=level)
-    log_p_new = log_target(found.radius, omega_new)
-    phi_new = w_p * log_p_new + w_q * q.log_density(omega_new) - ref.log_density(omega_new)
+    if gradients and state.grad is None:
+        state = dataclasses.replace(state, grad=(yield GradientRequest(state.omega, state.r)))
+
+    def log_w(omega, log_p):
+        return w_p * log_p + w_q * q.log_density(omega) - ref.log_density(omega)
+
+    x = state.omega * ref.radial(state.omega, gen)[:, None]
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if state.grad is None:
+        omega_new = base._unit(ref.crank_nicolson(x, rho[kind], z))
+        found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level)
+        log_p_new, grad_new = log_target(found.radius, omega_new), None
+        log_a = log_w(omega_new, log_p_new) - log_w(state.omega, state.log_p)
+    else:
+        mean = 0.0 if ref.mean is None else ref.mean
+
+        def kick(x, omega, r, grad):
+            """:math:`C\\nabla_x w` at ``x``."""
+            g = w_p * path.grad_log_mass(r, omega, grad, theta0) - ref.grad_log_density(omega)
+            if w_q:
+                g = g + w_q * q.grad_log_density(omega)
+            g = g - (g * omega).sum(1, keepdim=True) * omega  # tangent to the sphere
+            return ref.times_cov(torch.nan_to_num(g / torch.linalg.vector_norm(x, dim=1,
+                                                                                keepdim=True)))
+
+        def energy(u, mom, omega, log_p):
+            return 0.5 * ((u * ref.solve(u)).sum(1) + (mom * ref.solve(mom)).sum(1)) - log_w(
+                omega, log_p)
+
+        eps = math.asin(rho[kind])
+        u, mom = x - mean, ref.sample(z) - mean
+        h0 = energy(u, mom, state.omega, state.log_p)
+        omega_new, found, grad_new = state.omega, Radii(state.r, state.slope), state.grad
+        for _ in range(_LEAPFROG):
+            mom = mom + 0.5 * eps * kick(u + mean, omega_new, found.radius, grad_new)
+            cos, sin = math.cos(eps), math.sin(eps)
+            u, mom = u * cos + mom * sin, mom * cos - u * sin
+            omega_new = base._unit(u + mean)
+            found = yield RadiusRequest(omega_new, found.radius.clone(), found.slope.clone(),
+                                        level=level)
+            grad_new = yield GradientRequest(omega_new, found.radius)
+            mom = mom + 0.5 * eps * kick(u + mean, omega_new, found.radius, grad_new)
+        log_p_new = log_target(found.radius, omega_new)
+        log_a = h0 - energy(u, mom, omega_new, log_p_new)
     u = torch.rand(n, generator=gen, dtype=torch.float64).log()
-    acc = u < torch.nan_to_num(phi_new - phi, nan=-math.inf)
+    acc = u < torch.nan_to_num(log_a, nan=-math.inf)
     rate = float(acc.double().mean())
-    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - base._ACCEPT_TARGET)))
-    return (
-        torch.where(acc[:, None], omega_new, omega),
-        torch.where(acc, found.radius, r),
-        torch.where(acc, found.slope, slope),
-        torch.where(acc, log_p_new, log_p),
-        rate,
+    target = base._ACCEPT_TARGET if state.grad is None else _HMC_ACCEPT
+    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - target)))
+    new = _State(
+        torch.where(acc[:, None], omega_new, state.omega),
+        torch.where(acc, found.radius, state.r),
+        torch.where(acc, found.slope, state.slope),
+        torch.where(acc, log_p_new, state.log_p),
+        None if grad_new is None else torch.where(acc[:, None], grad_new, state.grad),
     )
+    return new, rate
 
 
 def _next_beta(ell: torch.Tensor, beta: float, target: float) -> float:
