@@ -29,17 +29,23 @@ def _ellipsoid(dim, decades, seed=1000, eps=1e-2):
     return h, c, truth
 
 
-def _drive(sampler, radius_of):
+def _drive(sampler, radius_of, gradient_of=None):
     """Run a sampler with exact radii from ``radius_of(omegas)`` (or ``radius_of(omegas,
-    level)`` when it takes the cutoff multiplier too)."""
+    level)`` when it takes the cutoff multiplier too) and wall gradients from
+    ``gradient_of(points)``."""
     import inspect
 
     with_level = len(inspect.signature(radius_of).parameters) == 2
     request = next(sampler)
     while True:
-        r = radius_of(request.omegas, request.level) if with_level else radius_of(request.omegas)
+        if isinstance(request, GradientRequest):
+            reply = gradient_of(request.radii[:, None] * request.omegas)
+        else:
+            r = radius_of(request.omegas, request.level) if with_level else radius_of(
+                request.omegas)
+            reply = Radii(r, torch.full_like(r, 2.0))
         try:
-            request = sampler.send(Radii(r, torch.full_like(r, 2.0)))
+            request = sampler.send(reply)
         except StopIteration as stop:
             return stop.value
 
@@ -138,6 +144,18 @@ def test_sampler_ellipsoid_beats_importance_sampling():
     is_est = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=400,
                          measure="uniform", progress=False, method="is")
     assert truth - is_est.log_volume > 15.0
+
+
+def test_cooling_with_hamiltonian_moves_meets_the_closed_form():
+    """The same ellipsoid along the cooling path with wall gradients (delta = x^T H x / 2, so
+    grad delta = H x): within 2 nats on both seeds, where pCN moves are allowed 4."""
+    h, c, truth = _ellipsoid(100, 3)
+    for s in range(2):
+        run = _drive(smc_sampler(c, sigma=None, n_particles=200, n_moves=3, seed=s,
+                                 gradients=True),
+                     lambda om: torch.sqrt(2e-2 / (om**2 * h).sum(1)), lambda x: x * h)
+        assert run.kind == "smc"
+        assert abs(run.log_z - truth) <= 2.0
 
 
 def test_sampler_gaussian_measure_small_dimension():
@@ -473,10 +491,11 @@ def test_projected_normal_gradient_matches_finite_differences(kind):
     assert torch.allclose(exact, numeric, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("sigma", [None, 0.7])
-def test_target_gradient_matches_finite_differences(sigma):
-    """_Path.grad_log_mass for an ellipsoid, whose radius r(omega) = sqrt(2 eps / w^T H w) and
-    wall gradient g = H r omega are known, against central differences of log I(omega)."""
+@pytest.mark.parametrize(("sigma", "a"), [(None, 0.0), (0.7, None), (0.7, 0.3)])
+def test_target_gradient_matches_finite_differences(sigma, a):
+    """_Path.grad_log_mass (Lebesgue; the prior; a cooling level) for an ellipsoid, whose
+    radius r(omega) = sqrt(2 eps / w^T H w) and wall gradient g = H r omega are known, against
+    central differences of log I(omega)."""
     from basin_volume.smc_base import _Path
 
     g = torch.Generator().manual_seed(12)
@@ -492,9 +511,10 @@ def test_target_gradient_matches_finite_differences(sigma):
     omega = omega / omega.norm(dim=1, keepdim=True)
     v = torch.randn(5, d, generator=g, dtype=torch.float64)
     v = v - (v * omega).sum(1, keepdim=True) * omega
-    numeric = _tangent_derivative(lambda om: path.log_mass(path.end, radius(om), om @ c), omega, v)
+    a = path.end if a is None else a  # the target (a = a1) or a cooling level
+    numeric = _tangent_derivative(lambda om: path.log_mass(a, radius(om), om @ c), omega, v)
     r = radius(omega)
-    exact = (path.grad_log_mass(r, omega, (r[:, None] * omega) @ h, c) * v).sum(1)
+    exact = (path.grad_log_mass(a, r, omega, (r[:, None] * omega) @ h, c) * v).sum(1)
     assert torch.allclose(exact, numeric, rtol=1e-6, atol=1e-6)
 
 
@@ -511,23 +531,10 @@ def test_hamiltonian_moves_reach_the_closed_form():
     def radius_of(om):
         return torch.sqrt(2e-2 / ((om @ a) * om).sum(1))
 
-    def drive(sampler):
-        request = next(sampler)
-        while True:
-            if isinstance(request, GradientRequest):  # delta = x^T A x / 2
-                reply = (request.radii[:, None] * request.omegas) @ a
-            else:
-                r = radius_of(request.omegas)
-                reply = Radii(r, torch.full_like(r, 2.0))
-            try:
-                request = sampler.send(reply)
-            except StopIteration as stop:
-                return stop.value
-
     errors = []
     for s in range(3):
-        run = drive(smc_sampler(c, sigma=None, n_particles=300, n_moves=4, seed=s, start=start,
-                                gradients=True))
+        run = _drive(smc_sampler(c, sigma=None, n_particles=300, n_moves=4, seed=s, start=start,
+                                 gradients=True), radius_of, lambda x: x @ a)
         assert run.kind == "tempered"
         errors.append(run.log_z - truth)
     assert max(abs(e) for e in errors) < 0.25

@@ -122,7 +122,7 @@ def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budg
             "curvature": curvature,
         },
         start=start,
-        fn=fn if curvature != "none" and rays.dim <= MAX_DIM else None,
+        fn=fn if rays.dim <= MAX_DIM else None,
     )
     result.warn_if_unreliable(stacklevel=4)
     failed = result.meta["failed_searches"]

@@ -50,7 +50,7 @@ move every particle with Metropolis-Hastings steps that leave
 incremental weights is an unbiased estimate of :math:`\mu(K)` (Del Moral, Doucet & Jasra 2006),
 whose logarithm :func:`smc_sampler` returns.
 
-**The moves** learn the basin's shape. Each level fits a normal law :math:`N(m, C)` to the
+**The moves** learn the basin's shape. Each move fits a normal law :math:`N(m, C)` to the
 particles' points :math:`\theta - \theta_0 = R\omega` (with :math:`R` drawn along each ray from
 :math:`G_a` restricted to :math:`[0, r]`), diagonal or dense. The particles are lifted to
 :math:`x = R\omega` with :math:`R` from the normal's law given the direction
@@ -60,11 +60,14 @@ normal density, :math:`\hat x = x/\lVert x\rVert`). A preconditioned Crank-Nicol
 :math:`x' = m + \sqrt{1-\rho^2}(x - m) + \rho\, C^{1/2} z` preserves :math:`N(m, C)`, so it is
 accepted with probability :math:`\min(1, w(\hat x')/w(\hat x))`, :math:`w = \pi_a/q`: when the
 fit is good every move is accepted, whatever the dimension. :math:`\rho` adapts to an
-acceptance rate near 30%.
+acceptance rate near 30%. Where the objective has a gradient (``gradients``), the moves of
+this path and of tempering are Hamiltonian instead, steered by :math:`\nabla w`, which the
+gradient of :math:`\delta` at each ray's wall gives (:func:`basin_volume.smc_paths._move`).
 
 The sampler is a generator, like :func:`basin_volume.radius.radius_search`: it yields batches
-of directions whose radii it needs and is sent back their :class:`Radii`; evaluating the
-objective (batched, on any device) is the caller's business.
+of directions whose radii it needs and is sent back their :class:`Radii` (and, with
+``gradients``, wall points whose gradients it needs); evaluating the objective (batched, on
+any device) is the caller's business.
 """
 
 from __future__ import annotations
@@ -79,7 +82,6 @@ import torch
 from .integrals import log_sphere_area
 from .projected_normal import ProjectedNormal
 from .smc_base import (
-    _ACCEPT_TARGET,
     GradientRequest,
     Radii,
     RadiusRequest,
@@ -89,10 +91,9 @@ from .smc_base import (
     _Path,
     _step,
     _systematic,
-    _truncated_radius,
     _unit,
 )
-from .smc_paths import _annealed, _tempered
+from .smc_paths import _annealed, _move, _State, _tempered
 
 __all__ = ["GradientRequest", "Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 
@@ -143,7 +144,7 @@ def smc_sampler(
         Fraction of :math:`N` the ESS of each level's incremental weights is held to.
     gradients : bool
         Ask for the gradient of :math:`\delta` at the rays' walls (:class:`GradientRequest`)
-        to steer the tempering path's moves (Hamiltonian Monte Carlo, see
+        to steer the moves of tempering and Gaussian cooling (Hamiltonian Monte Carlo, see
         :func:`basin_volume.smc_paths._move`).
 
     Yields
@@ -265,47 +266,29 @@ def smc_sampler(
     log_z = _log_mean_exp(log_w)
     keep = _systematic(log_w, gen)
     omega, r, slope, c = omega[keep], r[keep], slope[keep], c[keep]
-    log_i = path.log_mass(a, r, c)
-    levels, rho = [], 0.5
-    acceptance = []
+    levels, acceptance, rho = [], [], {"fitted": 0.5}
+    state = _State(omega, r, slope, path.log_mass(a, r, c))
     while a != path.end:
-        a_next = _next_level(path, a, r, c, log_i, ess_target * n)
-        log_i_next = path.log_mass(a_next, r, c)
-        inc = log_i_next - log_i
+        c = state.omega @ theta0
+        a_next = _next_level(path, a, state.r, c, state.log_p, ess_target * n)
+        log_i_next = path.log_mass(a_next, state.r, c)
+        inc = log_i_next - state.log_p
         log_z += _log_mean_exp(inc)
-        keep = _systematic(inc, gen)
-        omega, r, slope, c, log_i = omega[keep], r[keep], slope[keep], c[keep], log_i_next[keep]
+        # the walls stay where they are along the path: so do their gradients
+        state = dataclasses.replace(state, log_p=log_i_next)[_systematic(inc, gen)]
         a = a_next
         levels.append(a)
-
-        # Fit the reference law to the particles' points, then lift them to x = R omega.
-        t = _truncated_radius(r, c, a, path, gen)
-        ref = ProjectedNormal.fit(omega * t[:, None], dense=dense, with_mean=sigma is not None)
-        x = omega * ref.radial(omega, gen)[:, None]
-        phi = log_i - ref.log_density(omega)
         accepted = []
         for _ in range(n_moves):
-            x_new = ref.crank_nicolson(x, rho, normals(n))
-            omega_new = _unit(x_new)
-            radii = yield RadiusRequest(omega_new, r.clone(), slope.clone())
-            r_new, c_new = radii.radius, omega_new @ theta0
-            log_i_new = path.log_mass(a, r_new, c_new)
-            phi_new = log_i_new - ref.log_density(omega_new)
-            u = torch.rand(n, generator=gen, dtype=torch.float64).log()
-            acc = u < torch.nan_to_num(phi_new - phi, nan=-math.inf)
-            rate = float(acc.double().mean())
+            state, rate = yield from _move(
+                1, None, state, lambda rr, oo, a=a: path.log_mass(a, rr, oo @ theta0),
+                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
+                gradients=gradients, a=a, dense=dense,
+            )
             accepted.append(rate)
-            x = torch.where(acc[:, None], x_new, x)
-            omega = torch.where(acc[:, None], omega_new, omega)
-            r = torch.where(acc, r_new, r)
-            slope = torch.where(acc, radii.slope, slope)
-            c = torch.where(acc, c_new, c)
-            log_i = torch.where(acc, log_i_new, log_i)
-            phi = torch.where(acc, phi_new, phi)
-            rho = min(1.0, max(1e-3, rho * math.exp(rate - _ACCEPT_TARGET)))
         acceptance.append(sum(accepted) / max(len(accepted), 1))
-    return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance), r, log_i,
-                  tuple(importance))
+    return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance),
+                  state.r, state.log_p, tuple(importance))
 
 
 def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:

@@ -126,15 +126,15 @@ class _Path:
         const = 0.5 * d * math.log(a / (2 * math.pi)) - 0.5 * self.norm2 * self.a1**2 / a
         return const + _log_j(r, d - 1, a, -self.a1 * c)
 
-    def grad_log_mass(self, r: torch.Tensor, omega: torch.Tensor, g: torch.Tensor,
+    def grad_log_mass(self, a: float, r: torch.Tensor, omega: torch.Tensor, g: torch.Tensor,
                       theta0: torch.Tensor) -> torch.Tensor:
-        r"""The gradient in :math:`\omega` (ambient, ``[N, D]``) of the target's
-        :math:`\log I_{a_1}(\omega, r(\omega))`, ``g`` the gradient of :math:`\delta` at the
+        r"""The gradient in :math:`\omega` (ambient, ``[N, D]``) of
+        :math:`\log I_a(\omega, r(\omega))`, ``g`` the gradient of :math:`\delta` at the
         boundary points :math:`\theta_0 + r\omega`.
 
         The basin's wall moves with the direction as :math:`\nabla_\omega r = -r\,g /
         (\omega\cdot g)` (differentiate :math:`\delta(\theta_0 + r\omega) = \varepsilon`);
-        :math:`\partial_r \log I = r^{D-1} e^{-a_1 r^2/2 - a_1 c r}/J` (Lebesgue: :math:`D/r`)
+        :math:`\partial_r \log I = r^{D-1} e^{-a r^2/2 - a_1 c r}/J` (Lebesgue: :math:`D/r`)
         and, with :math:`c = \omega\cdot\theta_0`, :math:`\partial_c \log I = -a_1
         \mathbb{E}[t]` under the ray's truncated radial law. Rays that are unbounded, or whose
         wall the gradient does not describe (:math:`\omega\cdot g \le 0`, not finite), get
@@ -144,14 +144,14 @@ class _Path:
         dot = (omega * g).sum(1)
         wall = torch.isfinite(r) & (r > 0) & (dot > 0) & torch.isfinite(dot)
         r_ok = torch.where(wall, r, torch.ones_like(r))
-        if self.a1 == 0.0:
+        if a == 0.0:
             d_r, d_c = d / r_ok, torch.zeros_like(r)
         else:
             b = -self.a1 * (omega @ theta0)
-            log_j = _log_j(r, d - 1, self.a1, b)
-            d_r = torch.exp((d - 1) * r_ok.log() - 0.5 * self.a1 * r_ok**2 + b * r_ok
-                            - _log_j(r_ok, d - 1, self.a1, b))
-            d_c = -self.a1 * torch.exp(_log_j(r, d, self.a1, b) - log_j)
+            log_j = _log_j(r, d - 1, a, b)
+            d_r = torch.exp((d - 1) * r_ok.log() - 0.5 * a * r_ok**2 + b * r_ok
+                            - _log_j(r_ok, d - 1, a, b))
+            d_c = -self.a1 * torch.exp(_log_j(r, d, a, b) - log_j)
         grad_r = -r_ok[:, None] * torch.nan_to_num(g) / torch.where(wall, dot, 1.0)[:, None]
         d_r = torch.where(wall, d_r, torch.zeros_like(d_r))
         return d_r[:, None] * grad_r + torch.nan_to_num(d_c)[:, None] * theta0

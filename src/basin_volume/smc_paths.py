@@ -160,11 +160,14 @@ def _next_cutoff(level: float, r, slope, c, log_p, log_target, target: float) ->
     return math.exp(base._step(ok, math.log(level), 0.0))
 
 
-def _move(move: int, q: ProjectedNormal, state: _State, log_target, *, weight, rho,
-          path: _Path, theta0, gen: torch.Generator, gradients: bool, level: float = 1.0):
+def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, weight, rho,
+          path: _Path, theta0, gen: torch.Generator, gradients: bool, level: float = 1.0,
+          a: float | None = None, dense: bool = False):
     r"""One Metropolis-Hastings move of every particle, for the target
-    :math:`\pi^{w_0} q^{w_1}` (``weight``), alternating references (even moves: ``q``; odd:
-    a diagonal normal law fitted to points of the basin along the particles' rays).
+    :math:`\pi^{w_0} q^{w_1}` (``weight``; :math:`\pi \propto I_a`, ``a`` the path's end by
+    default), alternating references (even moves: ``q``; odd moves, and all without ``q``: a
+    normal law fitted to points of the basin along the particles' rays, diagonal unless
+    ``dense``).
 
     The particles are lifted to :math:`x = \omega R`, :math:`R` from the reference's radial law
     given :math:`\omega`, which makes :math:`p(x) = N(x; m, C)\,e^{w(\hat x)}` the lifted
@@ -186,22 +189,23 @@ def _move(move: int, q: ProjectedNormal, state: _State, log_target, *, weight, r
     Returns the new state and the acceptance rate.
     """
     n, d = state.omega.shape
-    kind = "proposal" if move % 2 == 0 else "fitted"
+    a = path.end if a is None else a
+    kind = "proposal" if move % 2 == 0 and q is not None else "fitted"
     if kind == "proposal":
         ref = q
     else:
         # Points of the basin along the particles' rays (uniform in it when the particles
         # follow pi), whose covariance is the basin's shape.
-        t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, path.end,
-                                   path, gen)
-        ref = ProjectedNormal.fit(state.omega * t[:, None], dense=False,
-                                  with_mean=q.mean is not None)
+        t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, a, path, gen)
+        ref = ProjectedNormal.fit(state.omega * t[:, None], dense=dense,
+                                  with_mean=path.a1 > 0 if q is None else q.mean is not None)
     w_p, w_q = weight
     if gradients and state.grad is None:
         state = dataclasses.replace(state, grad=(yield GradientRequest(state.omega, state.r)))
 
     def log_w(omega, log_p):
-        return w_p * log_p + w_q * q.log_density(omega) - ref.log_density(omega)
+        out = w_p * log_p - ref.log_density(omega)
+        return out + w_q * q.log_density(omega) if w_q else out
 
     x = state.omega * ref.radial(state.omega, gen)[:, None]
     z = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -215,7 +219,7 @@ def _move(move: int, q: ProjectedNormal, state: _State, log_target, *, weight, r
 
         def kick(x, omega, r, grad):
             """:math:`C\\nabla_x w` at ``x``."""
-            g = w_p * path.grad_log_mass(r, omega, grad, theta0) - ref.grad_log_density(omega)
+            g = w_p * path.grad_log_mass(a, r, omega, grad, theta0) - ref.grad_log_density(omega)
             if w_q:
                 g = g + w_q * q.grad_log_density(omega)
             g = g - (g * omega).sum(1, keepdim=True) * omega  # tangent to the sphere
