@@ -185,7 +185,8 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     + \tfrac12 |P|^2_{C^{-1}} - w`. :math:`\nabla w` needs :math:`\nabla\delta` at each
     ray's wall (:meth:`_Path.grad_log_mass`), asked for with a :class:`GradientRequest`; the
     objective's answer ``None`` leaves the kicks out. ``rho`` holds the step (:math:`\rho`
-    or :math:`\sin\epsilon`) of each reference, adapted to an acceptance rate near 30%.
+    or :math:`\sin\epsilon`) of each reference, adapted to an acceptance rate near 30%
+    (Crank-Nicolson) or :data:`_HMC_ACCEPT` (Hamiltonian).
     Returns the new state and the acceptance rate.
     """
     n, d = state.omega.shape
@@ -215,49 +216,65 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
         log_p_new, grad_new = log_target(found.radius, omega_new), None
         log_a = log_w(omega_new, log_p_new) - log_w(state.omega, state.log_p)
     else:
-        mean = 0.0 if ref.mean is None else ref.mean
-
-        def kick(x, omega, r, grad):
-            """:math:`C\\nabla_x w` at ``x``."""
+        def grad_w(omega, r, grad):
             g = w_p * path.grad_log_mass(a, r, omega, grad, theta0) - ref.grad_log_density(omega)
-            if w_q:
-                g = g + w_q * q.grad_log_density(omega)
-            g = g - (g * omega).sum(1, keepdim=True) * omega  # tangent to the sphere
-            return ref.times_cov(torch.nan_to_num(g / torch.linalg.vector_norm(x, dim=1,
-                                                                                keepdim=True)))
+            return g + w_q * q.grad_log_density(omega) if w_q else g
 
-        def energy(u, mom, omega, log_p):
-            return 0.5 * ((u * ref.solve(u)).sum(1) + (mom * ref.solve(mom)).sum(1)) - log_w(
-                omega, log_p)
-
-        eps = math.asin(rho[kind])
-        u, mom = x - mean, ref.sample(z) - mean
-        h0 = energy(u, mom, state.omega, state.log_p)
-        omega_new, found, grad_new = state.omega, Radii(state.r, state.slope), state.grad
-        for _ in range(_LEAPFROG):
-            mom = mom + 0.5 * eps * kick(u + mean, omega_new, found.radius, grad_new)
-            cos, sin = math.cos(eps), math.sin(eps)
-            u, mom = u * cos + mom * sin, mom * cos - u * sin
-            omega_new = base._unit(u + mean)
-            found = yield RadiusRequest(omega_new, found.radius.clone(), found.slope.clone(),
-                                        level=level)
-            grad_new = yield GradientRequest(omega_new, found.radius)
-            mom = mom + 0.5 * eps * kick(u + mean, omega_new, found.radius, grad_new)
-        log_p_new = log_target(found.radius, omega_new)
-        log_a = h0 - energy(u, mom, omega_new, log_p_new)
-    u = torch.rand(n, generator=gen, dtype=torch.float64).log()
-    acc = u < torch.nan_to_num(log_a, nan=-math.inf)
-    rate = float(acc.double().mean())
+        omega_new, found, grad_new, log_p_new, log_a = yield from _hamiltonian(
+            ref, x, z, state, grad_w, log_w, log_target, math.asin(rho[kind]), level)
+    accept = torch.rand(n, generator=gen, dtype=torch.float64).log() < torch.nan_to_num(
+        log_a, nan=-math.inf)
+    rate = float(accept.double().mean())
     target = base._ACCEPT_TARGET if state.grad is None else _HMC_ACCEPT
     rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - target)))
     new = _State(
-        torch.where(acc[:, None], omega_new, state.omega),
-        torch.where(acc, found.radius, state.r),
-        torch.where(acc, found.slope, state.slope),
-        torch.where(acc, log_p_new, state.log_p),
-        None if grad_new is None else torch.where(acc[:, None], grad_new, state.grad),
+        torch.where(accept[:, None], omega_new, state.omega),
+        torch.where(accept, found.radius, state.r),
+        torch.where(accept, found.slope, state.slope),
+        torch.where(accept, log_p_new, state.log_p),
+        None if grad_new is None else torch.where(accept[:, None], grad_new, state.grad),
     )
     return new, rate
+
+
+def _hamiltonian(ref: ProjectedNormal, x, z, state: _State, grad_w, log_w, log_target,
+                 eps: float, level: float):
+    r""":data:`_LEAPFROG` leapfrog steps from the lifted points ``x`` with momentum
+    :math:`C^{1/2}z` (see :func:`_move`); ``grad_w(omega, r, wall gradients)`` is the ambient
+    gradient of :math:`w` on the sphere. Returns the end points' ``(omega, Radii, wall
+    gradients, log target)`` and the log acceptance ratio.
+
+    In whitened coordinates this is plain HMC for :math:`\tfrac12|y|^2 - w`, the quadratic
+    part integrated exactly: the kicks and the rotation are volume-preserving and reversible
+    under a flip of the momentum, so :math:`e^{-\Delta H}` is the exact acceptance ratio
+    whatever ``grad_w`` returns.
+    """
+    mean = 0.0 if ref.mean is None else ref.mean
+
+    def kick(u, omega, found, grad):
+        """Half a step (eps/2) of C grad_x w: the gradient on the sphere, lifted to x."""
+        g = grad_w(omega, found.radius, grad)
+        g = g - (g * omega).sum(1, keepdim=True) * omega  # tangent to the sphere
+        g = g / torch.linalg.vector_norm(u + mean, dim=1, keepdim=True)
+        return 0.5 * eps * ref.times_cov(torch.nan_to_num(g))
+
+    def energy(u, mom, omega, log_p):
+        quadratic = (u * ref.solve(u)).sum(1) + (mom * ref.solve(mom)).sum(1)
+        return 0.5 * quadratic - log_w(omega, log_p)
+
+    u, mom = x - mean, ref.sample(z) - mean
+    omega, found, grad = state.omega, Radii(state.r, state.slope), state.grad
+    h0 = energy(u, mom, omega, state.log_p)
+    cos, sin = math.cos(eps), math.sin(eps)
+    for _ in range(_LEAPFROG):
+        mom = mom + kick(u, omega, found, grad)
+        u, mom = u * cos + mom * sin, mom * cos - u * sin
+        omega = base._unit(u + mean)
+        found = yield RadiusRequest(omega, found.radius.clone(), found.slope.clone(), level=level)
+        grad = yield GradientRequest(omega, found.radius)
+        mom = mom + kick(u, omega, found, grad)
+    log_p = log_target(found.radius, omega)
+    return omega, found, grad, log_p, h0 - energy(u, mom, omega, log_p)
 
 
 def _next_beta(ell: torch.Tensor, beta: float, target: float) -> float:
