@@ -29,6 +29,11 @@ class RadiusRequest:
     guesses: torch.Tensor  # [B] first radius to try
     slopes: torch.Tensor  # [B] log-log slope to assume (nan: unknown)
     level: float = 1.0  # the radii are wanted where delta = level * cutoff
+    # Check every ray's segment for an earlier crossing, not only the rays whose evaluated
+    # points hint at one: the end of a move, whose search starts at the parent's radius and
+    # sees only the neighbourhood of a crossing. A move prefers rays whose radius came out too
+    # long, so a missed first crossing biases the estimate upwards.
+    check: bool = False
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,14 @@ def search_radii(
     max_radius: float,
     max_evals: int,
     batch_size: int,
+    check: bool = False,
 ) -> dict:
     """Radius searches for every row of ``omegas`` in lockstep.
 
     The pending radii are evaluated through ``rays`` (:meth:`DenseRays.values_at_many`),
-    ``batch_size`` points per call. Returns a dict of per-direction tensors: ``radius`` (where
+    ``batch_size`` points per call. With ``check`` every converged ray's segment is checked
+    for an earlier crossing (:func:`_first_crossings`), else only those :func:`_unchecked`
+    flags. Returns a dict of per-direction tensors: ``radius`` (where
     delta equals the cutoff; ``inf`` if unbounded), ``slope``, ``n_evals`` and the list
     ``status``.
     """
@@ -119,7 +122,7 @@ def search_radii(
     n_evals = [r.n_evals for r in results]
     suspect = [
         k for k, res in enumerate(results)
-        if res.status == RayStatus.CONVERGED and _unchecked(history[k], res.radius)
+        if res.status == RayStatus.CONVERGED and (check or _unchecked(history[k], res.radius))
     ]
     if suspect:
         found = _first_crossings(rays, {k: radius[k] for k in suspect}, history, f0=f0,
@@ -299,7 +302,7 @@ def estimate_smc(
                         rays, request.omegas, guesses, request.slopes, f0=f0,
                         cutoff=cutoff * request.level,
                         rtol=rtol, max_radius=max_radius, max_evals=max_evals,
-                        batch_size=batch_size,
+                        batch_size=batch_size, check=request.check,
                     )
                     searched += int(found["n_evals"].sum())
                     for st in found["status"]:

@@ -132,7 +132,8 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         omega, r, slope = state.omega, state.r, state.slope
         c = omega @ theta0
         nxt = _next_cutoff(level, r, slope, c, state.log_p, log_target, ess_target * n)
-        found = yield RadiusRequest(omega, _predicted(r, slope, nxt / level), slope, level=nxt)
+        found = yield RadiusRequest(omega, _predicted(r, slope, nxt / level), slope, level=nxt,
+                                    check=True)
         log_p_next = log_target(found.radius, c)
         inc = log_p_next - state.log_p
         log_z += base._log_mean_exp(inc)
@@ -212,7 +213,8 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     z = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if state.grad is None:
         omega_new = base._unit(ref.crank_nicolson(x, rho[kind], z))
-        found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level)
+        found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level,
+                                    check=True)
         log_p_new, grad_new = log_target(found.radius, omega_new), None
         log_a = log_w(omega_new, log_p_new) - log_w(state.omega, state.log_p)
     else:
@@ -266,11 +268,12 @@ def _hamiltonian(ref: ProjectedNormal, x, z, state: _State, grad_w, log_w, log_t
     omega, found, grad = state.omega, Radii(state.r, state.slope), state.grad
     h0 = energy(u, mom, omega, state.log_p)
     cos, sin = math.cos(eps), math.sin(eps)
-    for _ in range(_LEAPFROG):
+    for step in range(_LEAPFROG):
         mom = mom + kick(u, omega, found, grad)
         u, mom = u * cos + mom * sin, mom * cos - u * sin
         omega = base._unit(u + mean)
-        found = yield RadiusRequest(omega, found.radius.clone(), found.slope.clone(), level=level)
+        found = yield RadiusRequest(omega, found.radius.clone(), found.slope.clone(), level=level,
+                                    check=step == _LEAPFROG - 1)
         grad = yield GradientRequest(omega, found.radius)
         mom = mom + kick(u, omega, found, grad)
     log_p = log_target(found.radius, omega)
