@@ -48,7 +48,7 @@ __all__ = [
 DENSE_MAX_DIM = 2000  # a dense eigendecomposition costs O(D^3) and dense moves O(N D^2)
 MAX_DIM = 20000
 EVALS_PER_GRADIENT = 2  # a gradient costs about two evaluations
-EVALS_PER_HVP = 4  # a Hessian-vector product two more
+EVALS_PER_HVP = 4  # a Hessian-vector product: a gradient and two more
 _WALL_EVALS = 40  # evaluations of each radius search for the proposal's wall point at most
 _WALL_STEPS = 8  # golden sections of the search for the most probable wall point
 

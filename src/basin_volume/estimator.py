@@ -274,7 +274,11 @@ def estimate(
         (:mod:`basin_volume.curvature`) and temper from it to the target. ``"auto"`` does so
         when ``fn`` has at most :data:`~basin_volume.curvature.MAX_DIM` parameters and
         :mod:`torch.func` can differentiate it twice, else follows the Gaussian-cooling path;
-        ``"hessian"`` requires it; ``"none"`` never uses it.
+        ``"hessian"`` requires it; ``"none"`` never uses it. Independently of this, SMC's
+        moves along either path are Hamiltonian, steered by the gradient of ``fn`` at the
+        basin's wall, whenever ``fn`` has at most that many parameters and :mod:`torch.func`
+        can differentiate it once (``meta["gradients"]`` counts the gradients taken, each
+        charged as 2 evaluations); otherwise they are Crank-Nicolson steps.
 
     Returns
     -------
