@@ -279,10 +279,10 @@ def test_curvature_proposal_makes_a_rotated_ellipsoid_exact():
     assert res.meta["total_evals"] >= 60 * 4  # the Hessian's rows are counted
 
 
-def test_tempering_from_an_imperfect_proposal_reaches_the_closed_form():
-    """A rotated D = 40 ellipsoid (axes over 3 decades) from the proposal of a Hessian whose
-    eigenvalues are each off by a factor e^{0.5 z}: importance sampling from it has an ESS of
-    a few percent, tempering from it lands within 0.25 nats of the closed form."""
+def _rotated_ellipsoid_and_a_wrong_proposal():
+    """A rotated D = 40 ellipsoid (axes over 3 decades, delta = x^T A x / 2) and the proposal
+    of a Hessian whose eigenvalues are each off by a factor e^{0.5 z}: ``(centre, closed form,
+    A, proposal, radius function)``."""
     h, c, truth = _ellipsoid(40, 3, seed=3)
     q = _rotation(40, 4)
     a = q @ torch.diag(h) @ q.T
@@ -292,6 +292,15 @@ def test_tempering_from_an_imperfect_proposal_reaches_the_closed_form():
 
     def radius_of(om):
         return torch.sqrt(2e-2 / ((om @ a) * om).sum(1))
+
+    return c, truth, a, start, radius_of
+
+
+def test_tempering_from_an_imperfect_proposal_reaches_the_closed_form():
+    """A rotated D = 40 ellipsoid (axes over 3 decades) from the proposal of a Hessian whose
+    eigenvalues are each off by a factor e^{0.5 z}: importance sampling from it has an ESS of
+    a few percent, tempering from it lands within 0.25 nats of the closed form."""
+    c, truth, a, start, radius_of = _rotated_ellipsoid_and_a_wrong_proposal()
 
     for s in range(3):
         run = _drive(smc_sampler(c, sigma=None, n_particles=300, n_moves=4, seed=s,
@@ -520,16 +529,8 @@ def test_target_gradient_matches_finite_differences(sigma, a):
 
 def test_hamiltonian_moves_reach_the_closed_form():
     """The tempering test's rotated ellipsoid with gradients at the walls (Hamiltonian moves):
-    within 0.25 nats of the closed form on three seeds, with tighter replicas than without."""
-    h, c, truth = _ellipsoid(40, 3, seed=3)
-    q = _rotation(40, 4)
-    a = q @ torch.diag(h) @ q.T
-    g = torch.Generator().manual_seed(5)
-    wrong = h * torch.exp(0.5 * torch.randn(40, generator=g, dtype=torch.float64))
-    start = ProjectedNormal(q @ torch.diag(1 / wrong) @ q.T)
-
-    def radius_of(om):
-        return torch.sqrt(2e-2 / ((om @ a) * om).sum(1))
+    within 0.25 nats of the closed form on three seeds."""
+    c, truth, a, start, radius_of = _rotated_ellipsoid_and_a_wrong_proposal()
 
     errors = []
     for s in range(3):
