@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     p.add_argument("--particles", type=int, default=256)
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--moves", type=int, default=3)
+    p.add_argument("--moves", type=int, default=None,
+                   help="SMC moves per level (default: until the particles decorrelate)")
     p.add_argument("--is-samples", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64, help="points per batched fn call")
     args = p.parse_args(argv)

@@ -569,3 +569,57 @@ def test_gradients_steer_the_moves_of_estimate_and_are_counted():
     assert abs(steered.log_volume - truth) < 0.75
     assert blind.meta["gradients"] == 0
     assert abs(blind.log_volume - truth) < 1.5
+
+
+def _mixed(n_moves, move):
+    """Drive :func:`basin_volume.smc_paths._mix` with ``move(state) -> state`` (no requests);
+    returns the final state, the mean rate and the number of moves made."""
+    from basin_volume.smc_paths import _mix, _State
+
+    g = torch.Generator().manual_seed(3)
+    n = 4000  # sample correlations of independent statistics within 0.05 (3 sd)
+    omega = torch.nn.functional.normalize(torch.randn(n, 10, generator=g, dtype=torch.float64))
+    state = _State(omega, torch.ones(n), torch.ones(n), torch.randn(n, generator=g,
+                                                                       dtype=torch.float64))
+    made = []
+
+    def one(k, st):
+        made.append(k)
+        return move(st), 1.0
+        yield  # a generator, like _move
+
+    runner = _mix(state, n_moves, one)
+    try:
+        next(runner)
+    except StopIteration as stop:
+        return (*stop.value, len(made))
+    raise AssertionError("_mix asked for something although the moves ask for nothing")
+
+
+def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
+    """n_moves=None: fresh independent particles stop the level after one move, particles
+    that never move run to the cap, and a slow drift (correlation 0.9 per move) stops at the
+    first move whose correlation with the start is below 0.1 (0.9^k < 0.1: k = 22)."""
+    from basin_volume import smc_paths
+    from basin_volume.smc_paths import _State
+
+    g = torch.Generator().manual_seed(4)
+
+    def fresh(st):
+        n, d = st.omega.shape
+        return _State(torch.nn.functional.normalize(torch.randn(n, d, generator=g,
+                                                                dtype=torch.float64)),
+                      st.r, st.slope, torch.randn(n, generator=g, dtype=torch.float64))
+
+    assert _mixed(None, fresh)[2] == 1
+    assert _mixed(None, lambda st: st)[2] == smc_paths._MAX_MOVES
+    assert _mixed(5, fresh)[2] == 5  # a fixed count is kept whatever happens
+
+    def drift(st):  # an AR(1) step of the log target, correlation 0.9 with the last
+        z = torch.randn(st.log_p.shape, generator=g, dtype=torch.float64)
+        return dataclasses.replace(st, log_p=0.9 * st.log_p + math.sqrt(1 - 0.81) * z,
+                                   omega=fresh(st).omega)
+
+    made = _mixed(None, drift)[2]
+    expected = math.ceil(math.log(smc_paths._DECORRELATED) / math.log(0.9))
+    assert abs(made - expected) <= 3, (made, expected)

@@ -206,7 +206,7 @@ class VolumeConfig:
     method: str = "auto"
     budget: int | None = None
     replicas: int = 4
-    n_moves: int = 3
+    n_moves: int | None = None
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -272,8 +272,10 @@ class VolumeConfig:
             raise ValueError(f"method must be 'auto', 'smc' or 'is', got {self.method!r}")
         if self.budget is not None:
             checks.check_positive("budget", self.budget, integer=True)
-        for name in ("data_batch_size", "model_batch_size", "replicas", "n_moves"):
+        for name in ("data_batch_size", "model_batch_size", "replicas"):
             checks.check_positive(name, getattr(self, name), integer=True)
+        if self.n_moves is not None:
+            checks.check_positive("n_moves", self.n_moves, integer=True)
         object.__setattr__(
             self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
         )

@@ -55,6 +55,7 @@ __all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
 
 SMC_MIN_PARTICLES = 16  # fewer particles than this cannot resample meaningfully
 SMC_MAX_PARTICLES = 2**20  # SMC holds every particle's direction in memory
+BUDGET_MOVES = 3  # moves per level under a budget when n_moves is None
 
 
 def resolve_method(method, pre, *, n_samples: int, resume_from, callback) -> Method:
@@ -82,7 +83,7 @@ def resolve_method(method, pre, *, n_samples: int, resume_from, callback) -> Met
 
 
 def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budget,
-                  replicas: int, n_moves: int, batch_size: int, curvature: str) -> VolumeResult:
+                  replicas: int, n_moves: int | None, batch_size: int, curvature: str) -> VolumeResult:
     """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 
@@ -190,7 +191,7 @@ def estimate(
     method: Method | str = "auto",
     budget: int | None = None,
     replicas: int = 4,
-    n_moves: int = 3,
+    n_moves: int | None = None,
     curvature: str = "auto",
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
@@ -266,8 +267,13 @@ def estimate(
         :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when it runs out.
     replicas : int
         Independent SMC runs pooled into the estimate; their spread gives the interval.
-    n_moves : int
-        Metropolis-Hastings moves per particle and level (``method="smc"``).
+    n_moves : int or None
+        Metropolis-Hastings moves per particle and level (``method="smc"``). ``None`` moves
+        each level's particles until they have decorrelated from where the level found them
+        (log target and leading principal directions, correlation below 0.1; at most 30
+        moves), so hard levels get more moves than easy ones; an integer fixes the count,
+        cheaper and, where it is too small for the basin, biased low. Under a ``budget``,
+        whose use decorrelation could not foresee, ``None`` is :data:`BUDGET_MOVES`.
     curvature : {"auto", "hessian", "none"}
         ``method="smc"`` without a preconditioner, when prior rays do not settle the basin:
         start from the proposal built from the Hessian of ``fn`` at the centre
@@ -320,11 +326,13 @@ def estimate(
     smc = method is Method.SMC
     if smc:
         replicas = _check_positive("replicas", replicas, integer=True)
-        n_moves = _check_positive("n_moves", n_moves, integer=True)
+        if n_moves is not None:
+            n_moves = _check_positive("n_moves", n_moves, integer=True)
         if curvature not in ("auto", "hessian", "none"):
             raise ValueError(f"curvature must be 'auto', 'hessian' or 'none', got {curvature!r}")
         if budget is not None:
             budget = _check_positive("budget", budget, integer=True)
+            n_moves = BUDGET_MOVES if n_moves is None else n_moves
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)
     rays = DenseRays(fn, center, seed=seed, preconditioner=None if smc else pre, batch_fn=batch_fn)

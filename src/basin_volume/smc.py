@@ -93,7 +93,7 @@ from .smc_base import (
     _systematic,
     _unit,
 )
-from .smc_paths import _annealed, _move, _State, _tempered
+from .smc_paths import _annealed, _mix, _move, _State, _tempered
 
 __all__ = ["GradientRequest", "Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 
@@ -109,7 +109,7 @@ def smc_sampler(
     *,
     sigma: float | None,
     n_particles: int,
-    n_moves: int,
+    n_moves: int | None,
     seed: int,
     start: ProjectedNormal | Callable[[], ProjectedNormal | None] | None = None,
     dense: bool = False,
@@ -126,8 +126,9 @@ def smc_sampler(
         Prior scale; ``None`` for the uniform measure (Lebesgue volume).
     n_particles : int
         Particles :math:`N`.
-    n_moves : int
-        Metropolis-Hastings moves of every particle at each level.
+    n_moves : int or None
+        Metropolis-Hastings moves of every particle at each level; ``None``: until the
+        particles decorrelate from the level's start (:func:`basin_volume.smc_paths._mix`).
     seed : int
         Seed of every random choice of the run.
     start : ProjectedNormal or callable, optional
@@ -278,15 +279,12 @@ def smc_sampler(
         state = dataclasses.replace(state, log_p=log_i_next)[_systematic(inc, gen)]
         a = a_next
         levels.append(a)
-        accepted = []
-        for _ in range(n_moves):
-            state, rate = yield from _move(
-                1, None, state, lambda rr, oo, a=a: path.log_mass(a, rr, oo @ theta0),
-                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
-                gradients=gradients, a=a, dense=dense,
-            )
-            accepted.append(rate)
-        acceptance.append(sum(accepted) / max(len(accepted), 1))
+        state, rate = yield from _mix(state, n_moves, lambda move, st, a=a: _move(
+            1, None, st, lambda rr, oo: path.log_mass(a, rr, oo @ theta0),
+            weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
+            gradients=gradients, a=a, dense=dense,
+        ))
+        acceptance.append(rate)
     return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance),
                   state.r, state.log_p, tuple(importance))
 

@@ -236,7 +236,7 @@ def estimate_smc(
     *,
     n_particles: int,
     replicas: int,
-    n_moves: int,
+    n_moves: int | None,
     cutoff: float,
     sigma: float,
     measure: str,

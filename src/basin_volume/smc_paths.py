@@ -19,6 +19,9 @@ from .smc_base import GradientRequest, Radii, RadiusRequest, SMCRun, _Path
 _MAX_LEVEL = 2.0**20  # largest cutoff multiplier the annealing starts from
 _LEAPFROG = 4  # leapfrog steps of a gradient-steered move
 _HMC_ACCEPT = 0.6  # acceptance rate its step is adapted to
+_DECORRELATED = 0.1  # a level's moves stop once no statistic correlates more with its start
+_MAX_MOVES = 30  # moves per level at most, decorrelated or not
+_COMPONENTS = 3  # principal directions of the particles watched for decorrelation
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class _State:
                       None if self.grad is None else self.grad[keep])
 
 
-def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int,
+def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int | None,
               ess_target: float, gen: torch.Generator, ess_start: float, gradients: bool):
     r"""SMC from the proposal :math:`q` to the target along :math:`\pi_\beta \propto
     q^{1-\beta}\pi^\beta`.
@@ -67,20 +70,17 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         state = state[base._systematic(inc, gen)]
         beta = beta_next
         levels.append(beta)
-        rates = []
-        for move in range(n_moves):
-            state, rate = yield from _move(
-                move, q, state, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
-                theta0=theta0, gen=gen, gradients=gradients,
-            )
-            rates.append(rate)
+        state, rate = yield from _mix(state, n_moves, lambda move, st, beta=beta: _move(
+            move, q, st, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
+            theta0=theta0, gen=gen, gradients=gradients,
+        ))
         ell = state.log_p - q.log_density(state.omega)
-        acceptance.append(sum(rates) / max(len(rates), 1))
+        acceptance.append(rate)
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
                   state.r, state.log_p - log_sphere_area(d))
 
 
-def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int,
+def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int | None,
               ess_target: float, gen: torch.Generator, ess_start: float):
     r"""SMC over prior rays with the cutoff annealed down: :math:`\lambda_0\varepsilon > \dots >
     \varepsilon`.
@@ -118,15 +118,12 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     state = _State(omega, found.radius, found.slope, log_p)[base._systematic(ell, gen)]
     levels, acceptance, rho = [level], [], {"proposal": 0.5, "fitted": 0.5}
     while True:
-        rates = []
-        for move in range(n_moves):
-            state, rate = yield from _move(
-                move, prior, state, lambda rr, oo: log_target(rr, oo @ theta0),
-                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
-                gradients=False, level=level,
-            )
-            rates.append(rate)
-        acceptance.append(sum(rates) / max(len(rates), 1))
+        state, rate = yield from _mix(state, n_moves, lambda move, st, level=level: _move(
+            move, prior, st, lambda rr, oo: log_target(rr, oo @ theta0),
+            weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
+            gradients=False, level=level,
+        ))
+        acceptance.append(rate)
         if level == 1.0:
             break
         omega, r, slope = state.omega, state.r, state.slope
@@ -159,6 +156,53 @@ def _next_cutoff(level: float, r, slope, c, log_p, log_target, target: float) ->
         return base._ess(log_target(predicted, c) - log_p) >= target
 
     return math.exp(base._step(ok, math.log(level), 0.0))
+
+
+def _mix(state: _State, n_moves: int | None, move):
+    r"""One level's moves, ``move(k, state)`` for k = 0, 1, ... (generators of
+    :func:`_move`): ``n_moves`` of them, or with ``None`` as many as it takes for the
+    particles to forget where the level found them, at most :data:`_MAX_MOVES`.
+
+    Forgetting is measured by the correlation, across particles, between the level's start
+    and now of the log target and of the projections on the start's :data:`_COMPONENTS`
+    leading principal directions (the slow ones for moves that are blind to them); the moves
+    stop when none exceeds :data:`_DECORRELATED`. A fixed count does not know how hard the
+    level is: where the moves are short, particles would still sit near their parents, copies
+    of one parent would stay alike, and the next reweighting would count them as independent,
+    which biases :math:`\log\hat Z` down.
+    Returns the state and the mean acceptance rate.
+    """
+    start = _statistics(state, None)
+    rates = []
+    for k in range(_MAX_MOVES if n_moves is None else n_moves):
+        state, rate = yield from move(k, state)
+        rates.append(rate)
+        if n_moves is None and _correlation(start[0], _statistics(state, start[1])[0]) < _DECORRELATED:
+            break
+    return state, sum(rates) / len(rates)
+
+
+def _statistics(state: _State, axes: torch.Tensor | None):
+    """``([n, 1 + k] statistics, axes)``: the log target and the directions' projections on
+    ``axes`` (the leading principal directions of ``state`` when ``None``)."""
+    omega = state.omega
+    if axes is None:
+        centred = omega - omega.mean(0)
+        k = min(_COMPONENTS, *centred.shape)
+        axes = torch.linalg.svd(centred, full_matrices=False)[2][:k].T if k else centred[:0].T
+    return torch.cat([state.log_p[:, None], omega @ axes], 1), axes
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest Pearson correlation across rows between matching columns of ``a`` and
+    ``b``, over the rows finite in both (constant columns count as decorrelated)."""
+    ok = (torch.isfinite(a) & torch.isfinite(b)).all(1)
+    if int(ok.sum()) < 3:
+        return 0.0
+    a, b = a[ok] - a[ok].mean(0), b[ok] - b[ok].mean(0)
+    den = torch.linalg.vector_norm(a, dim=0) * torch.linalg.vector_norm(b, dim=0)
+    r = (a * b).sum(0) / den
+    return float(torch.nan_to_num(r, nan=0.0).max())
 
 
 def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, weight, rho,
