@@ -334,6 +334,9 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MOVES = 3  # moves per SMC level: half an hour on 2 cores (decorrelated moves: hours)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ..config import VolumeConfig
     from ..digits import train_digits_mlp
@@ -352,6 +355,7 @@ def _demo(args: argparse.Namespace) -> int:
         cutoff=args.cutoff,
         seed=args.seed,
         progress=not args.quiet,
+        n_moves=DEMO_MOVES,
     )
     estimator = VolumeEstimator.from_config(cfg)
     how = (f"by SMC, {args.n_samples} particles x {cfg.replicas} replicas"
