@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import basin_volume as bv
+from basin_volume import smc_paths
 from basin_volume.integrals import log_ball_volume, log_radial_integral
 from basin_volume.projected_normal import ProjectedNormal
 from basin_volume.result import VolumeResult
@@ -566,6 +567,9 @@ def test_gradients_steer_the_moves_of_estimate_and_are_counted():
     assert steered.meta["smc"]["kinds"] == ["tempered"] * 4
     assert steered.meta["gradients"] > 0
     assert steered.meta["total_evals"] >= 2 * steered.meta["gradients"]
+    smc = steered.meta["smc"]  # n_moves=None: moves per level recorded, within the cap
+    assert [len(m) for m in smc["moves"]] == [len(p) for p in smc["path"]]
+    assert all(1 <= k <= smc_paths._MAX_MOVES for m in smc["moves"] for k in m)
     assert abs(steered.log_volume - truth) < 0.75
     assert blind.meta["gradients"] == 0
     assert abs(blind.log_volume - truth) < 1.5
@@ -592,7 +596,8 @@ def _mixed(n_moves, move):
     try:
         next(runner)
     except StopIteration as stop:
-        return (*stop.value, len(made))
+        assert stop.value[2] == len(made)  # the count it reports is the count it made
+        return stop.value
     raise AssertionError("_mix asked for something although the moves ask for nothing")
 
 
@@ -600,7 +605,6 @@ def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
     """n_moves=None: fresh independent particles stop the level after one move, particles
     that never move run to the cap, and a slow drift (correlation 0.9 per move) stops at the
     first move whose correlation with the start is below 0.1 (0.9^k < 0.1: k = 22)."""
-    from basin_volume import smc_paths
     from basin_volume.smc_paths import _State
 
     g = torch.Generator().manual_seed(4)

@@ -83,7 +83,8 @@ def resolve_method(method, pre, *, n_samples: int, resume_from, callback) -> Met
 
 
 def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budget,
-                  replicas: int, n_moves: int | None, batch_size: int, curvature: str) -> VolumeResult:
+                  replicas: int, n_moves: int | None, batch_size: int,
+                  curvature: str) -> VolumeResult:
     """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 

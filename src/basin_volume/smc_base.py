@@ -86,6 +86,8 @@ class SMCRun:
         weights, so unbiased in :math:`\\mu(K)`: by Markov's inequality one exceeds the truth by
         :math:`x` nats with probability at most :math:`e^{-x}`. A path's estimate far below
         them is wrong (:attr:`basin_volume.VolumeResult.below_importance`).
+    moves : tuple of int
+        Moves made at each level (fixed, or until the particles decorrelated).
     """
 
     log_z: float
@@ -97,6 +99,7 @@ class SMCRun:
     radii: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     log_integrals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     importance: tuple[float, ...] = ()
+    moves: tuple[int, ...] = ()
 
 
 def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:

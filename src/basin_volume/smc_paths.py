@@ -56,7 +56,7 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     state = _State(omega, radii.radius, radii.slope, ell + q.log_density(omega))
     log_z, beta = 0.0, 0.0
     rho = {"proposal": 0.5, "fitted": 0.5}
-    levels, acceptance = [], []
+    levels, acceptance, moves = [], [], []
     if not bool(torch.isfinite(ell).any()):
         return SMCRun(-math.inf, "smc", 0, ess_start, (), (), state.r, ell)
 
@@ -70,14 +70,15 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         state = state[base._systematic(inc, gen)]
         beta = beta_next
         levels.append(beta)
-        state, rate = yield from _mix(state, n_moves, lambda move, st, beta=beta: _move(
+        state, rate, made = yield from _mix(state, n_moves, lambda move, st, beta=beta: _move(
             move, q, st, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
             theta0=theta0, gen=gen, gradients=gradients,
         ))
         ell = state.log_p - q.log_density(state.omega)
         acceptance.append(rate)
+        moves.append(made)
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  state.r, state.log_p - log_sphere_area(d))
+                  state.r, state.log_p - log_sphere_area(d), moves=tuple(moves))
 
 
 def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int | None,
@@ -116,14 +117,15 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     ell = log_p - prior.log_density(omega)
     log_z = base._log_mean_exp(ell)
     state = _State(omega, found.radius, found.slope, log_p)[base._systematic(ell, gen)]
-    levels, acceptance, rho = [level], [], {"proposal": 0.5, "fitted": 0.5}
+    levels, acceptance, moves, rho = [level], [], [], {"proposal": 0.5, "fitted": 0.5}
     while True:
-        state, rate = yield from _mix(state, n_moves, lambda move, st, level=level: _move(
+        state, rate, made = yield from _mix(state, n_moves, lambda move, st, level=level: _move(
             move, prior, st, lambda rr, oo: log_target(rr, oo @ theta0),
             weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
             gradients=False, level=level,
         ))
         acceptance.append(rate)
+        moves.append(made)
         if level == 1.0:
             break
         omega, r, slope = state.omega, state.r, state.slope
@@ -138,7 +140,7 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         level = nxt
         levels.append(level)
     return SMCRun(log_z, "annealed", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  r, log_p - log_sphere_area(d))
+                  r, log_p - log_sphere_area(d), moves=tuple(moves))
 
 
 def _predicted(r: torch.Tensor, slope: torch.Tensor, factor: float) -> torch.Tensor:
@@ -170,16 +172,16 @@ def _mix(state: _State, n_moves: int | None, move):
     level is: where the moves are short, particles would still sit near their parents, copies
     of one parent would stay alike, and the next reweighting would count them as independent,
     which biases :math:`\log\hat Z` down.
-    Returns the state and the mean acceptance rate.
+    Returns the state, the mean acceptance rate and the number of moves.
     """
-    start = _statistics(state, None)
+    start, axes = _statistics(state, None)
     rates = []
     for k in range(_MAX_MOVES if n_moves is None else n_moves):
         state, rate = yield from move(k, state)
         rates.append(rate)
-        if n_moves is None and _correlation(start[0], _statistics(state, start[1])[0]) < _DECORRELATED:
+        if n_moves is None and _correlation(start, _statistics(state, axes)[0]) < _DECORRELATED:
             break
-    return state, sum(rates) / len(rates)
+    return state, sum(rates) / len(rates), len(rates)
 
 
 def _statistics(state: _State, axes: torch.Tensor | None):
