@@ -39,6 +39,17 @@ class _State:
         return _State(self.omega[keep], self.r[keep], self.slope[keep], self.log_p[keep],
                       None if self.grad is None else self.grad[keep])
 
+    def put(self, rows: torch.Tensor, part: _State) -> _State:
+        """A copy with the particles ``rows`` replaced by ``part``'s."""
+        def put(mine, theirs):
+            out = mine.clone()
+            out[rows] = theirs
+            return out
+
+        return _State(put(self.omega, part.omega), put(self.r, part.r),
+                      put(self.slope, part.slope), put(self.log_p, part.log_p),
+                      None if self.grad is None else put(self.grad, part.grad))
+
 
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int | None,
               ess_target: float, gen: torch.Generator, ess_start: float, gradients: bool):
@@ -238,18 +249,41 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     """
     n, d = state.omega.shape
     a = path.end if a is None else a
-    kind = "proposal" if move % 2 == 0 and q is not None else "fitted"
-    if kind == "proposal":
-        ref = q
-    else:
-        # Points of the basin along the particles' rays (uniform in it when the particles
-        # follow pi), whose covariance is the basin's shape.
-        t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, a, path, gen)
-        ref = ProjectedNormal.fit(state.omega * t[:, None], dense=dense,
-                                  with_mean=path.a1 > 0 if q is None else q.mean is not None)
-    w_p, w_q = weight
     if gradients and state.grad is None:
         state = dataclasses.replace(state, grad=(yield GradientRequest(state.omega, state.r)))
+    kind = "proposal" if move % 2 == 0 and q is not None else "fitted"
+    step = dict(q=q, log_target=log_target, weight=weight, path=path, theta0=theta0, gen=gen,
+                a=a, level=level)
+    if kind == "proposal":
+        new, accept = yield from _metropolis(q, rho[kind], state, **step)
+    else:
+        # Points of the basin along the particles' rays (uniform in it when the particles
+        # follow pi), whose covariance is the basin's shape. Each half of the particles moves
+        # with the law fitted to the other half: a law fitted to a particle itself would be
+        # denser where that particle is, and the moves would push it away, a bias of order
+        # D/N.
+        t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, a, path, gen)
+        points = state.omega * t[:, None]
+        halves = torch.randperm(n, generator=gen).chunk(2)
+        with_mean = path.a1 > 0 if q is None else q.mean is not None
+        new, accept = state, torch.zeros(n, dtype=torch.bool)
+        for mine, other in ((halves[0], halves[1]), (halves[1], halves[0])):
+            ref = ProjectedNormal.fit(points[other], dense=dense, with_mean=with_mean)
+            moved, ok = yield from _metropolis(ref, rho[kind], state[mine], **step)
+            new = new.put(mine, moved)
+            accept[mine] = ok
+    rate = float(accept.double().mean())
+    target = base._ACCEPT_TARGET if state.grad is None else _HMC_ACCEPT
+    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - target)))
+    return new, rate
+
+
+def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_target, weight,
+                path: _Path, theta0, gen: torch.Generator, a: float, level: float):
+    """One move of :func:`_move` with the reference ``ref`` and step ``rho``: the new state
+    and which particles accepted."""
+    n, d = state.omega.shape
+    w_p, w_q = weight
 
     def log_w(omega, log_p):
         out = w_p * log_p - ref.log_density(omega)
@@ -258,7 +292,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     x = state.omega * ref.radial(state.omega, gen)[:, None]
     z = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if state.grad is None:
-        omega_new = base._unit(ref.crank_nicolson(x, rho[kind], z))
+        omega_new = base._unit(ref.crank_nicolson(x, rho, z))
         found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level,
                                     check=True)
         log_p_new, grad_new = log_target(found.radius, omega_new), None
@@ -269,12 +303,9 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
             return g + w_q * q.grad_log_density(omega) if w_q else g
 
         omega_new, found, grad_new, log_p_new, log_a = yield from _hamiltonian(
-            ref, x, z, state, grad_w, log_w, log_target, math.asin(rho[kind]), level)
+            ref, x, z, state, grad_w, log_w, log_target, math.asin(rho), level)
     accept = torch.rand(n, generator=gen, dtype=torch.float64).log() < torch.nan_to_num(
         log_a, nan=-math.inf)
-    rate = float(accept.double().mean())
-    target = base._ACCEPT_TARGET if state.grad is None else _HMC_ACCEPT
-    rho[kind] = min(1.0, max(1e-3, rho[kind] * math.exp(rate - target)))
     new = _State(
         torch.where(accept[:, None], omega_new, state.omega),
         torch.where(accept, found.radius, state.r),
@@ -282,7 +313,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
         torch.where(accept, log_p_new, state.log_p),
         None if grad_new is None else torch.where(accept[:, None], grad_new, state.grad),
     )
-    return new, rate
+    return new, accept
 
 
 def _hamiltonian(ref: ProjectedNormal, x, z, state: _State, grad_w, log_w, log_target,
