@@ -52,8 +52,10 @@ whose logarithm :func:`smc_sampler` returns.
 
 **The moves** learn the basin's shape. Each move fits a normal law :math:`N(m, C)` to the
 particles' points :math:`\theta - \theta_0 = R\omega` (with :math:`R` drawn along each ray from
-:math:`G_a` restricted to :math:`[0, r]`), diagonal or dense. The particles are lifted to
-:math:`x = R\omega` with :math:`R` from the normal's law given the direction
+:math:`G_a` restricted to :math:`[0, r]`), diagonal or dense; each half of the particles moves
+with the law fitted to the other half, so that no particle's move depends on where it is
+through the fit (a shared fit biased :math:`\log\hat Z` up by :math:`O(D/N)`). The
+particles are lifted to :math:`x = R\omega` with :math:`R` from the normal's law given the direction
 (:meth:`~basin_volume.projected_normal.ProjectedNormal.radial`), which makes
 :math:`\pi_a(\hat x)/q(\hat x)\cdot N(x; m, C)` the lifted target (:math:`q` the projected
 normal density, :math:`\hat x = x/\lVert x\rVert`). A preconditioned Crank-Nicolson proposal
@@ -63,6 +65,8 @@ fit is good every move is accepted, whatever the dimension. :math:`\rho` adapts 
 acceptance rate near 30%. Where the objective has a gradient (``gradients``), the moves of
 this path and of tempering are Hamiltonian instead, steered by :math:`\nabla w`, which the
 gradient of :math:`\delta` at each ray's wall gives (:func:`basin_volume.smc_paths._move`).
+A level's moves go on until the particles have decorrelated from where the level found them
+(:func:`basin_volume.smc_paths._mix`), or for ``n_moves`` moves.
 
 The sampler is a generator, like :func:`basin_volume.radius.radius_search`: it yields batches
 of directions whose radii it needs and is sent back their :class:`Radii` (and, with

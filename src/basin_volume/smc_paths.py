@@ -225,7 +225,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     :math:`\pi^{w_0} q^{w_1}` (``weight``; :math:`\pi \propto I_a`, ``a`` the path's end by
     default), alternating references (even moves: ``q``; odd moves, and all without ``q``: a
     normal law fitted to points of the basin along the particles' rays, diagonal unless
-    ``dense``).
+    ``dense``, each half of the particles with the law of the other half).
 
     The particles are lifted to :math:`x = \omega R`, :math:`R` from the reference's radial law
     given :math:`\omega`, which makes :math:`p(x) = N(x; m, C)\,e^{w(\hat x)}` the lifted
