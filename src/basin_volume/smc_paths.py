@@ -41,14 +41,14 @@ class _State:
 
     def put(self, rows: torch.Tensor, part: _State) -> _State:
         """A copy with the particles ``rows`` replaced by ``part``'s."""
-        def put(mine, theirs):
+        def merged(mine, theirs):
             out = mine.clone()
             out[rows] = theirs
             return out
 
-        return _State(put(self.omega, part.omega), put(self.r, part.r),
-                      put(self.slope, part.slope), put(self.log_p, part.log_p),
-                      None if self.grad is None else put(self.grad, part.grad))
+        return _State(merged(self.omega, part.omega), merged(self.r, part.r),
+                      merged(self.slope, part.slope), merged(self.log_p, part.log_p),
+                      None if self.grad is None else merged(self.grad, part.grad))
 
 
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int | None,
@@ -201,8 +201,7 @@ def _statistics(state: _State, axes: torch.Tensor | None):
     omega = state.omega
     if axes is None:
         centred = omega - omega.mean(0)
-        k = min(_COMPONENTS, *centred.shape)
-        axes = torch.linalg.svd(centred, full_matrices=False)[2][:k].T if k else centred[:0].T
+        axes = torch.linalg.svd(centred, full_matrices=False)[2][:_COMPONENTS].T
     return torch.cat([state.log_p[:, None], omega @ axes], 1), axes
 
 
