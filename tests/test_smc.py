@@ -633,8 +633,7 @@ def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
 def test_a_particle_moves_with_a_law_fitted_without_it(monkeypatch):
     """Each fitted reference of a move comes from the other half of the particles: the rows
     that move with it are not among the points it was fitted to (a law fitted to a particle
-    itself biased log Z up by O(D/N): +0.7 nats at D = 1000 with 64 particles)."""
-    from basin_volume import smc_paths
+    itself is denser where that particle is, which biased log Z up by O(D/N))."""
     from basin_volume.smc_base import _Path
     from basin_volume.smc_paths import _move, _State
 
