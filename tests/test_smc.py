@@ -149,15 +149,16 @@ def test_sampler_ellipsoid_beats_importance_sampling():
 
 def test_cooling_with_hamiltonian_moves_meets_the_closed_form():
     """The same ellipsoid along the cooling path with wall gradients (delta = x^T H x / 2, so
-    grad delta = H x), moving until decorrelated: within 2 nats on both seeds, where pCN
-    moves are allowed 4."""
+    grad delta = H x), moving until decorrelated: within 2.5 nats on both seeds, where pCN
+    moves are allowed 4. At 200 particles log Z-hat is biased low by about a nat here (half
+    its variance), which leaves 2 nats too little room on a bad seed."""
     h, c, truth = _ellipsoid(100, 3)
     for s in range(2):
         run = _drive(smc_sampler(c, sigma=None, n_particles=200, n_moves=None, seed=s,
                                  gradients=True),
                      lambda om: torch.sqrt(2e-2 / (om**2 * h).sum(1)), lambda x: x * h)
         assert run.kind == "smc"
-        assert abs(run.log_z - truth) <= 2.0
+        assert abs(run.log_z - truth) <= 2.5
 
 
 def test_sampler_gaussian_measure_small_dimension():
@@ -674,3 +675,76 @@ def test_a_particle_moves_with_a_law_fitted_without_it(monkeypatch):
         same = torch.cdist(points, rows) < 1e-12  # a moved row among the fitted points
         assert not bool(same.any())
         assert points.shape[0] + rows.shape[0] == n  # and together they are everyone
+
+
+def test_halves_keep_each_family_on_one_side():
+    """After resampling, copies of a parent share a family; the split fit's halves hold whole
+    families, about half the particles each, and fall back to a random split when one family
+    is most of the population."""
+    from basin_volume.smc_paths import _halves, _State
+
+    n, d = 64, 5
+    g = torch.Generator().manual_seed(3)
+    omega = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64))
+    ones = torch.ones(n, dtype=torch.float64)
+    parents = torch.sort(torch.randint(0, n, (n,), generator=g)).values
+    state = _State(omega, ones, ones, ones).resampled(parents)
+    assert torch.equal(state.family, parents)
+    mine, other = _halves(state, g)
+    assert sorted(mine.tolist() + other.tolist()) == list(range(n))
+    assert not set(state.family[mine].tolist()) & set(state.family[other].tolist())
+    assert n // 4 <= mine.numel() <= n // 2 + 1
+    one_big = _State(omega, ones, ones, ones).resampled(torch.zeros(n, dtype=torch.int64))
+    mine, other = _halves(one_big, g)
+    assert mine.numel() == other.numel() == n // 2
+
+
+def _flat_search(profile, torch_profile, *, rtol, d=5, guess=0.05):
+    from basin_volume.rays import DenseRays
+    from basin_volume.smc_estimate import search_radii
+
+    def fn(th):
+        return torch_profile(torch.linalg.vector_norm(th))
+
+    c = torch.zeros(d, dtype=torch.float64)
+    om = torch.nn.functional.normalize(
+        torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    rays = DenseRays(fn, c, seed=0, preconditioner=None, batch_fn=torch.func.vmap(fn))
+    return search_radii(rays, om, torch.full((4,), guess), torch.full((4,), math.nan),
+                        f0=0.0, cutoff=1.0, rtol=rtol, max_radius=100.0, max_evals=60,
+                        batch_size=8, check=True)
+
+
+@pytest.mark.parametrize("guess", [0.05, 0.5, 3.0])
+def test_a_flat_crossing_is_placed_to_a_hundredth_of_a_nat(guess):
+    """delta saturates, (1 - exp(-1.44 rho^2)) / (1 - exp(-1.44)): its log-log slope at the
+    crossing rho = 1 is 0.89 and falling, as the KL of a network does near saturation. In
+    D = 500 a radius error moves a direction's log-mass by 500 times the error in log r, and
+    stopping within rtol = 1e-2 of the cutoff leaves up to 1e-2 / 0.89 there. The radius
+    returned must be within 0.01 nats: |log r| <= 0.01 / 500."""
+    d = 500
+
+    def sat(r):
+        e = torch.exp if isinstance(r, torch.Tensor) else math.exp
+        return (1 - e(-1.44 * r * r)) / (1 - math.exp(-1.44))
+
+    found = _flat_search(sat, sat, rtol=1e-2, d=d, guess=guess)
+    assert d * float(found["radius"].log().abs().max()) <= 0.01
+
+
+@pytest.mark.parametrize("bump", [0.9, 1.1])
+def test_a_bump_in_a_flat_stretch_is_found(bump):
+    """delta runs flat at 0.95 * cutoff from rho = 0.3 on, with a narrow bump over the cutoff
+    (width 0.02: between the points of the 8-point segment grid, and no local maximum of
+    them), then grows past it, crossing near 2.2. A search from a small guess steps over the
+    bump; the radius must be the bump's first crossing."""
+    import scipy.optimize
+
+    def plateau(r, exp):
+        return (0.95 * (1 - exp(-((r / 0.1) ** 2))) + 0.2 * exp(-(((r - bump) / 0.02) ** 2))
+                + (r / 2.2) ** 8)
+
+    first = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, bump - 0.1, bump)
+    found = _flat_search(lambda r: plateau(r, math.exp), lambda r: plateau(r, torch.exp),
+                         rtol=1e-3, guess=0.05)
+    assert found["radius"].tolist() == pytest.approx([first] * 4, rel=1e-4)

@@ -272,7 +272,7 @@ def smc_sampler(
     keep = _systematic(log_w, gen)
     omega, r, slope, c = omega[keep], r[keep], slope[keep], c[keep]
     levels, acceptance, moves, rho = [], [], [], {"fitted": 0.5}
-    state = _State(omega, r, slope, path.log_mass(a, r, c))
+    state = _State(omega, r, slope, path.log_mass(a, r, c), family=keep)
     while a != path.end:
         c = state.omega @ theta0
         a_next = _next_level(path, a, state.r, c, state.log_p, ess_target * n)
@@ -280,7 +280,7 @@ def smc_sampler(
         inc = log_i_next - state.log_p
         log_z += _log_mean_exp(inc)
         # the walls stay where they are along the path: so do their gradients
-        state = dataclasses.replace(state, log_p=log_i_next)[_systematic(inc, gen)]
+        state = dataclasses.replace(state, log_p=log_i_next).resampled(_systematic(inc, gen))
         a = a_next
         levels.append(a)
         state, rate, made = yield from _mix(state, n_moves, lambda move, st, a=a: _move(

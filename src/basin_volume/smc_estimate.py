@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +31,7 @@ from .radius import RayStatus, radius_search
 from .rays import DenseRays
 from .result import VolumeResult
 from .smc import GradientRequest, Radii, smc_sampler
+from .smc_base import _Path
 
 __all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
 
@@ -40,6 +42,9 @@ _CHECK_GAP = 2.0  # and rays whose evaluated points leave a wider gap than this 
 _GRAZE = 0.9  # local maxima of delta above this fraction of the cutoff are refined
 _GOLDEN_STEPS = 8
 _BISECTIONS = 40
+_SUBDIVIDE = 3  # halvings of a flat stretch of the segment near the cutoff
+_RADIUS_NATS = 0.01  # a crossing is bracketed to this much of its ray's log-mass
+_POLISH_ROUNDS = 8
 
 
 class BudgetExhausted(RuntimeError):
@@ -75,16 +80,29 @@ def search_radii(
     max_evals: int,
     batch_size: int,
     check: bool = False,
+    log_mass: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Radius searches for every row of ``omegas`` in lockstep.
+    r"""Radius searches for every row of ``omegas`` in lockstep.
 
     The pending radii are evaluated through ``rays`` (:meth:`DenseRays.values_at_many`),
     ``batch_size`` points per call. With ``check`` every converged ray's segment is checked
     for an earlier crossing (:func:`_first_crossings`), else only those :func:`_unchecked`
-    flags. Returns a dict of per-direction tensors: ``radius`` (where
-    delta equals the cutoff; ``inf`` if unbounded), ``slope``, ``n_evals`` and the list
-    ``status``.
+    flags; then every converged crossing is bracketed until the ray's mass inside the bracket
+    is below :data:`_RADIUS_NATS` (:func:`_polish`). ``log_mass(omegas, t)`` is the log of
+    each ray's mass up to ``t`` (up to a constant per ray; default Lebesgue,
+    :math:`D\log t`): the evaluations go where the mass is. Returns a dict of per-direction
+    tensors: ``radius`` (where delta equals the cutoff; ``inf`` if unbounded), ``slope``,
+    ``n_evals`` and the list ``status``.
     """
+    if log_mass is None:
+        def log_mass(om, t):
+            return om.shape[1] * torch.log(t)
+
+    def mass(rows: list[int], t: list[float]) -> list[float]:
+        if not rows:
+            return []
+        return log_mass(omegas[rows], torch.tensor(t, dtype=torch.float64)).tolist()
+
     rays.aim(omegas)
     searches = [
         radius_search(
@@ -126,10 +144,17 @@ def search_radii(
     ]
     if suspect:
         found = _first_crossings(rays, {k: radius[k] for k in suspect}, history, f0=f0,
-                                 cutoff=cutoff, rtol=rtol, batch_size=batch_size)
+                                 cutoff=cutoff, rtol=rtol, mass=mass if check else None,
+                                 batch_size=batch_size)
         for k, (r, spent) in found.items():
             radius[k] = r
             n_evals[k] += spent
+    converged = [k for k, res in enumerate(results) if res.status == RayStatus.CONVERGED]
+    polished = _polish(rays, converged, history, f0=f0, cutoff=cutoff, mass=mass,
+                       batch_size=batch_size)
+    for k, (r, spent) in polished.items():
+        radius[k] = r
+        n_evals[k] += spent
     rays.restore()
     return {
         "radius": torch.tensor(radius, dtype=torch.float64),
@@ -139,14 +164,17 @@ def search_radii(
     }
 
 
-def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rtol,
+def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rtol, mass,
                      batch_size) -> dict[int, tuple[float, int]]:
     r"""Check that the crossings found are the first ones; move them back where not.
 
     A search that stepped over a bump of :math:`\delta` (it rises above the cutoff, then falls
     back) has found a later crossing, and the basin is star-shaped only up to the first. The
     rays checked here are those where a bump could hide (:func:`_unchecked`). Each is
-    evaluated at :data:`_SEGMENT_POINTS` evenly spaced points inside its radius; every local
+    evaluated at :data:`_SEGMENT_POINTS` evenly spaced points inside its radius. With
+    ``mass(rows, t)`` (the rays' log-masses), stretches where :math:`\delta` runs flat within
+    :data:`_GRAZE` of the cutoff (:func:`_flat_stretches`) and that hold over
+    :data:`_RADIUS_NATS` of the ray's mass are halved, :data:`_SUBDIVIDE` times. Every local
     maximum of :math:`\delta` within :data:`_GRAZE` of the cutoff is refined by golden
     sections; where a point is outside, the crossing is searched again by bisection below the
     first such point. Returns ``{ray: (radius, evaluations spent)}``.
@@ -157,6 +185,22 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
     out = {k: (r, m) for k, r in radius.items()}
     for (k, t), v in zip(pairs, values, strict=True):
         history[k].append((t, v - f0))
+    # Where delta runs flat close to the cutoff, a bump can cross it between grid points
+    # without showing as a local maximum: halve such stretches (_SUBDIVIDE times).
+    # Only where a crossing would matter (the ray's mass along the stretch is over
+    # _RADIUS_NATS) and only for rays that moves proposed (``mass`` given): a move seeks out
+    # the rays whose radius came out long and keeps them.
+    for _ in range(_SUBDIVIDE if mass is not None else 0):
+        flat = [(k, ta, tb) for k, r in radius.items()
+                for ta, tb in _flat_stretches(history[k], r, cutoff)]
+        ks = [k for k, _, _ in flat]
+        heavy = zip(flat, mass(ks, [tb for *_, tb in flat]), mass(ks, [ta for _, ta, _ in flat]),
+                    strict=True)
+        mids = [(k, 0.5 * (ta + tb)) for (k, ta, tb), m_b, m_a in heavy
+                if m_b - m_a > _RADIUS_NATS]
+        for (k, t), v in zip(mids, _values(rays, mids, batch_size), strict=True):
+            history[k].append((t, v - f0))
+            out[k] = (out[k][0], out[k][1] + 1)
     # A bump that only grazes the cutoff falls between grid points: refine every local
     # maximum of the points seen that comes within _GRAZE of the cutoff (golden sections).
     peaks = {}
@@ -207,6 +251,115 @@ def _first_crossings(rays, radius: dict[int, float], history, *, f0, cutoff, rto
     for k, (lo, _hi) in brackets.items():  # not converged: the inner bracket end
         out[k] = (lo, out[k][1])
     return out
+
+
+def _ray_log_mass(center: torch.Tensor, sigma: float | None):
+    r"""``log_mass(omegas, t)`` of :func:`search_radii` for the target measure: Lebesgue, or
+    :math:`N(0, \sigma^2 I)` (:meth:`basin_volume.smc_base._Path.log_mass`)."""
+    theta0 = center.detach().to("cpu", torch.float64)
+    a1 = 0.0 if sigma is None else 1.0 / sigma**2
+    path = _Path(theta0.numel(), a1, float(theta0 @ theta0))
+    return lambda om, t: path.log_mass(a1, t, om @ theta0)
+
+
+def _first_bracket(history: list[tuple[float, float]], cutoff: float):
+    """``(t_in, t_out)`` around the first crossing among the evaluated points: the last point
+    inside before the first one outside (NaN counts as outside), and that one (``None`` if
+    there is none). ``t_in`` is 0 when no point before it is inside."""
+    t_in = 0.0
+    for t, d in sorted(history):
+        if not d <= cutoff:
+            return t_in, t
+        if d > 0:
+            t_in = t
+    return t_in, None
+
+
+def _polish(rays, rays_left: list[int], history, *, f0, cutoff, mass,
+            batch_size) -> dict[int, tuple[float, int]]:
+    r"""Evaluate each ray near its first crossing until the log-log root is sure to
+    :data:`_RADIUS_NATS` of the ray's log-mass, from both sides.
+
+    A search stops once :math:`|\delta - \varepsilon| \le \mathrm{rtol}\cdot\varepsilon`,
+    and where :math:`\delta` is flat near the cutoff (log-log slope k well below 2) that leaves
+    the radius uncertain by :math:`\mathrm{rtol}/k`, which moves a direction's log-mass by
+    :math:`s\,\mathrm{rtol}/k` nats, :math:`s = d\log I/d\log r` (D for Lebesgue measure).
+    Extrapolation from one side does not remove it, and a sampler that prefers long radii
+    turns it into an upward bias. Between bracket ends :math:`x_a < x < x_b` (log radii) the
+    interpolated root is off by at most :math:`\tfrac M2 (x - x_a)(x_b - x)/k`
+    (:func:`basin_volume.radius.exact_cutoff`, M = 1); each round, a ray whose bound is over
+    :math:`\tau = ` :data:`_RADIUS_NATS`:math:`/s` (at most 0.1) is probed at
+    :math:`x \pm \tau/3` on the side of its farther end (the open side when it has none),
+    which shrinks one factor of the bound to :math:`\tau/3`. ``mass(rows, t)`` gives the
+    rays' log-masses. Returns ``{ray: (radius, evaluations spent)}``: the root from all the
+    points evaluated, the segment check's included.
+    """
+    spent = {}
+    h = 1e-3
+    for _ in range(_POLISH_ROUNDS):
+        open_ = []
+        for k in rays_left:
+            t_in, t_out = _first_bracket(history[k], cutoff)
+            if t_in > 0:
+                open_.append((k, t_in, t_out, math.log(_root(history[k], cutoff))))
+        ks = [k for k, *_ in open_]
+        up = mass(ks, [math.exp(x + h) for *_, x in open_])
+        down = mass(ks, [math.exp(x - h) for *_, x in open_])
+        probes = []
+        for (k, t_in, t_out, x), m_up, m_down in zip(open_, up, down, strict=True):
+            tau = min(_RADIUS_NATS * 2 * h / max(m_up - m_down, 1e-300), 0.1)
+            xa = math.log(t_in)
+            d = dict(history[k])
+            if t_out is None or not math.isfinite(d[t_out]):
+                far = x + tau / 3 if t_out is None else 0.5 * (x + math.log(t_out))
+                probes.append((k, math.exp(far)))
+                continue
+            xb = math.log(t_out)
+            slope = math.log(d[t_out] / d[t_in]) / (xb - xa)
+            if 0.5 * (x - xa) * (xb - x) / slope <= tau:
+                continue
+            far = x + tau / 3 if xb - x > x - xa else x - tau / 3
+            probes.append((k, math.exp(min(max(far, xa + 0.5 * (x - xa)), xb - 0.5 * (xb - x)))))
+        if not probes:
+            break
+        for (k, t), v in zip(probes, _values(rays, probes, batch_size), strict=True):
+            history[k].append((t, v - f0))
+            spent[k] = spent.get(k, 0) + 1
+    return {k: (_root(history[k], cutoff), spent.get(k, 0)) for k in rays_left
+            if _first_bracket(history[k], cutoff)[0] > 0}
+
+
+def _root(history: list[tuple[float, float]], cutoff: float) -> float:
+    """The log-log root of the first crossing: interpolated between its bracket ends, or,
+    without a finite outer end, extrapolated from the inner end with the slope of the last two
+    inside points (clamped to [0.1, 20], never past the outer end)."""
+    t_in, t_out = _first_bracket(history, cutoff)
+    d = dict(history)
+    d_in = d[t_in]
+    if t_out is not None and math.isfinite(d[t_out]):
+        frac = math.log(cutoff / d_in) / math.log(d[t_out] / d_in)
+        return t_in * math.exp(frac * math.log(t_out / t_in))
+    prev = [(t, v) for t, v in history if t < t_in and math.isfinite(v) and v > 0]
+    k = 2.0
+    if prev:
+        t_p, d_p = max(prev)
+        if d_p < d_in:
+            k = min(max(math.log(d_in / d_p) / math.log(t_in / t_p), 0.1), 20.0)
+    x = math.log(t_in) + min(math.log(cutoff / d_in) / k, math.log(1e3))
+    return math.exp(x if t_out is None else min(x, math.log(t_out)))
+
+
+def _flat_stretches(history: list[tuple[float, float]], radius: float, cutoff: float):
+    """Intervals between consecutive evaluated points below ``radius`` (its crossing counted
+    as a point at the cutoff) that come within :data:`_GRAZE` of the cutoff and along which
+    delta grows slower than :math:`t^{1.5}` (:data:`_CHECK_SLOPE`)."""
+    pts = sorted((t, d) for t, d in history if 0 < t < radius and math.isfinite(d) and d > 0)
+    pts.append((radius, cutoff))
+    return [
+        (ta, tb) for (ta, da), (tb, db) in zip(pts, pts[1:], strict=False)
+        if max(da, db) >= _GRAZE * cutoff
+        and math.log(db / da) < _CHECK_SLOPE * math.log(tb / ta)
+    ]
 
 
 def _unchecked(history: list[tuple[float, float]], radius: float) -> bool:
@@ -279,6 +432,7 @@ def estimate_smc(
     searched = 0
     runs, failures = [], {}
     wall_gradients = _WallGradients(fn, rays, batch_size)
+    log_mass = _ray_log_mass(rays.center, sigma if measure == "gaussian" else None)
     bar = tqdm(total=replicas, disable=not progress, desc="SMC replicas", unit="replica")
     try:
         for rep in range(replicas):
@@ -302,7 +456,7 @@ def estimate_smc(
                         rays, request.omegas, guesses, request.slopes, f0=f0,
                         cutoff=cutoff * request.level,
                         rtol=rtol, max_radius=max_radius, max_evals=max_evals,
-                        batch_size=batch_size, check=request.check,
+                        batch_size=batch_size, check=request.check, log_mass=log_mass,
                     )
                     searched += int(found["n_evals"].sum())
                     for st in found["status"]:

@@ -26,29 +26,61 @@ _COMPONENTS = 3  # principal directions of the particles watched for decorrelati
 
 @dataclass(frozen=True)
 class _State:
-    """The particles: directions, radii, log-log slopes, log target, and the gradient of
-    :math:`\\delta` at each ray's wall (``None`` until asked for)."""
+    r"""The particles: directions, radii, log-log slopes, log target, the gradient of
+    :math:`\delta` at each ray's wall (``None`` until asked for), and each particle's family:
+    the index of its parent at the last resampling (``None`` before any)."""
 
     omega: torch.Tensor
     r: torch.Tensor
     slope: torch.Tensor
     log_p: torch.Tensor
     grad: torch.Tensor | None = None
+    family: torch.Tensor | None = None
 
     def __getitem__(self, keep: torch.Tensor) -> _State:
+        def pick(v):
+            return None if v is None else v[keep]
+
         return _State(self.omega[keep], self.r[keep], self.slope[keep], self.log_p[keep],
-                      None if self.grad is None else self.grad[keep])
+                      pick(self.grad), pick(self.family))
+
+    def resampled(self, parents: torch.Tensor) -> _State:
+        """The rows ``parents`` (a resampling's draw), each in the family of its parent."""
+        return dataclasses.replace(self[parents], family=parents.clone())
 
     def put(self, rows: torch.Tensor, part: _State) -> _State:
         """A copy with the particles ``rows`` replaced by ``part``'s."""
         def merged(mine, theirs):
+            if mine is None:
+                return None
             out = mine.clone()
             out[rows] = theirs
             return out
 
         return _State(merged(self.omega, part.omega), merged(self.r, part.r),
                       merged(self.slope, part.slope), merged(self.log_p, part.log_p),
-                      None if self.grad is None else merged(self.grad, part.grad))
+                      merged(self.grad, part.grad), merged(self.family, part.family))
+
+
+def _halves(state: _State, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two halves of the particles for the split fit of :func:`_move`, whole families on each
+    side: right after resampling, copies of one parent sit at one point, and a law fitted to
+    a copy of a particle is as dependent on it as one fitted to the particle itself. Families
+    are taken in random order until half the particles; where families are so large that a
+    side would hold under a quarter of them, the particles are split at random instead."""
+    n = state.omega.shape[0]
+    random = torch.randperm(n, generator=gen)
+    if state.family is None:
+        return random.chunk(2)
+    ids, family, counts = torch.unique(state.family, return_inverse=True, return_counts=True)
+    order = torch.randperm(ids.numel(), generator=gen)
+    first = torch.zeros(ids.numel(), dtype=torch.bool)
+    first[order[counts[order].cumsum(0) <= n // 2]] = True
+    side = first[family]
+    mine, other = side.nonzero().squeeze(1), (~side).nonzero().squeeze(1)
+    if min(mine.numel(), other.numel()) < n // 4:
+        return random.chunk(2)
+    return mine, other
 
 
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int | None,
@@ -78,7 +110,7 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         beta_next = _next_beta(ell, beta, ess_target * n)
         inc = (beta_next - beta) * ell
         log_z += base._log_mean_exp(inc)
-        state = state[base._systematic(inc, gen)]
+        state = state.resampled(base._systematic(inc, gen))
         beta = beta_next
         levels.append(beta)
         state, rate, made = yield from _mix(state, n_moves, lambda move, st, beta=beta: _move(
@@ -127,7 +159,7 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         radii = found
     ell = log_p - prior.log_density(omega)
     log_z = base._log_mean_exp(ell)
-    state = _State(omega, found.radius, found.slope, log_p)[base._systematic(ell, gen)]
+    state = _State(omega, found.radius, found.slope, log_p).resampled(base._systematic(ell, gen))
     levels, acceptance, moves, rho = [level], [], [], {"proposal": 0.5, "fitted": 0.5}
     while True:
         state, rate, made = yield from _mix(state, n_moves, lambda move, st, level=level: _move(
@@ -147,7 +179,8 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         log_p_next = log_target(found.radius, c)
         inc = log_p_next - state.log_p
         log_z += base._log_mean_exp(inc)
-        state = _State(omega, found.radius, found.slope, log_p_next)[base._systematic(inc, gen)]
+        state = _State(omega, found.radius, found.slope, log_p_next).resampled(
+            base._systematic(inc, gen))
         level = nxt
         levels.append(level)
     return SMCRun(log_z, "annealed", len(levels), ess_start, tuple(levels), tuple(acceptance),
@@ -263,7 +296,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
         # D/N.
         t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, a, path, gen)
         points = state.omega * t[:, None]
-        halves = torch.randperm(n, generator=gen).chunk(2)
+        halves = _halves(state, gen)
         with_mean = path.a1 > 0 if q is None else q.mean is not None
         new, accept = state, torch.zeros(n, dtype=torch.bool)
         for mine, other in ((halves[0], halves[1]), (halves[1], halves[0])):
@@ -311,6 +344,7 @@ def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_targe
         torch.where(accept, found.slope, state.slope),
         torch.where(accept, log_p_new, state.log_p),
         None if grad_new is None else torch.where(accept[:, None], grad_new, state.grad),
+        state.family,
     )
     return new, accept
 
