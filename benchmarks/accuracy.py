@@ -47,7 +47,8 @@ def run(problem, method: str, seed: int, args) -> dict:
     if method == "smc-cooling":  # SMC without the curvature proposal: a second method
         kwargs.update(curvature="none")
     if method.startswith("smc"):
-        kwargs.update(n_samples=args.particles, replicas=args.replicas, n_moves=args.moves)
+        kwargs.update(n_samples=args.particles, replicas=args.replicas, n_moves=args.moves,
+                      budget=args.budget)
     else:
         kwargs.update(n_samples=args.is_samples)
     started = time.perf_counter()
@@ -78,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--moves", type=int, default=None,
                    help="SMC moves per level (default: until the particles decorrelate)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="fn evaluations each SMC estimate may spend (moves: 3 per level)")
     p.add_argument("--is-samples", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64, help="points per batched fn call")
     args = p.parse_args(argv)

@@ -3,11 +3,13 @@ r"""Running the SMC sampler of :mod:`basin_volume.smc` on an objective: ``estima
 The sampler asks for the radii of batches of directions; :func:`search_radii` finds them with
 the lockstep searches of :func:`basin_volume.radius.radius_search` (several points per call of
 ``batch_fn``) and returns, for each direction, the radius where :math:`\delta` equals the cutoff
-*exactly*: the search stops within ``rtol`` of the cutoff, and the radius is then interpolated
-in log-log space between the evaluated points on either side of the cutoff (or extrapolated
-from the last one with the measured slope when it converged from one side). A relative
-radius error :math:`\Delta r/r` moves a direction's log-estimate by :math:`D\,\Delta r/r`, so
-this matters: at :math:`D = 10^5`, ``rtol = 1e-2`` alone would be worth hundreds of nats.
+*exactly*: the search stops within ``rtol`` of the cutoff, and the first crossing is then
+probed from both sides until the log-log interpolation between the evaluated points is sure
+to 0.01 nats of the ray's mass (:func:`_polish`). A relative radius error :math:`\Delta r/r`
+moves a direction's log-estimate by up to :math:`D\,\Delta r/r`, so this matters: at
+:math:`D = 10^5`, ``rtol = 1e-2`` alone would be worth hundreds of nats, and where
+:math:`\delta` runs flat near the cutoff (a network's KL near saturation) a radius
+extrapolated from one side came out long often enough to bias the estimate up.
 
 :func:`estimate_smc` runs independent replicas (seeds ``(seed, k)``) and pools them into one
 :class:`~basin_volume.result.VolumeResult` whose interval comes from the replicas' spread.

@@ -257,7 +257,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
     :math:`\pi^{w_0} q^{w_1}` (``weight``; :math:`\pi \propto I_a`, ``a`` the path's end by
     default), alternating references (even moves: ``q``; odd moves, and all without ``q``: a
     normal law fitted to points of the basin along the particles' rays, diagonal unless
-    ``dense``, each half of the particles with the law of the other half).
+    ``dense``, each half of the particles with the law of the other half, :func:`_halves`).
 
     The particles are lifted to :math:`x = \omega R`, :math:`R` from the reference's radial law
     given :math:`\omega`, which makes :math:`p(x) = N(x; m, C)\,e^{w(\hat x)}` the lifted
@@ -293,7 +293,7 @@ def _move(move: int, q: ProjectedNormal | None, state: _State, log_target, *, we
         # follow pi), whose covariance is the basin's shape. Each half of the particles moves
         # with the law fitted to the other half: a law fitted to a particle itself would be
         # denser where that particle is, and the moves would push it away, a bias of order
-        # D/N.
+        # D/N. The same holds for a copy of it, so families stay on one side (_halves).
         t = base._truncated_radius(state.r.clamp_max(1e300), state.omega @ theta0, a, path, gen)
         points = state.omega * t[:, None]
         halves = _halves(state, gen)
