@@ -45,7 +45,7 @@ _GRAZE = 0.9  # local maxima of delta above this fraction of the cutoff are refi
 _GOLDEN_STEPS = 8
 _BISECTIONS = 40
 _SUBDIVIDE = 3  # halvings of a flat stretch of the segment near the cutoff
-_RADIUS_NATS = 0.01  # a crossing is bracketed to this much of its ray's log-mass
+_RADIUS_NATS = 0.01  # a crossing is placed to this much of its ray's log-mass
 _POLISH_ROUNDS = 8
 
 
@@ -89,8 +89,10 @@ def search_radii(
     The pending radii are evaluated through ``rays`` (:meth:`DenseRays.values_at_many`),
     ``batch_size`` points per call. With ``check`` every converged ray's segment is checked
     for an earlier crossing (:func:`_first_crossings`), else only those :func:`_unchecked`
-    flags; then every converged crossing is bracketed until the ray's mass inside the bracket
-    is below :data:`_RADIUS_NATS` (:func:`_polish`). ``log_mass(omegas, t)`` is the log of
+    flags; then every converged crossing is probed from both sides until its log-log root is
+    sure to :data:`_RADIUS_NATS` of the ray's log-mass (:func:`_polish`), and it is the radius
+    returned. With ``check`` flat stretches near the cutoff are also subdivided (moves seek
+    out long radii). ``log_mass(omegas, t)`` is the log of
     each ray's mass up to ``t`` (up to a constant per ray; default Lebesgue,
     :math:`D\log t`): the evaluations go where the mass is. Returns a dict of per-direction
     tensors: ``radius`` (where delta equals the cutoff; ``inf`` if unbounded), ``slope``,
