@@ -228,6 +228,64 @@ def test_budget_caps_the_evaluations():
     assert len(calls) <= 500 + 32 * 40 + 1  # at most one batch of searches past the cap
 
 
+def _counted_ellipsoid(dim):
+    h, c, truth = _ellipsoid(dim, 2)
+    calls = []
+
+    def fn(th):
+        calls.append(1)
+        return 0.5 * (h * (th - c) ** 2).sum()
+
+    return fn, c, truth, calls
+
+
+def _budgeted(fn, c, budget, **kwargs):
+    return bv.estimate(fn, c, n_samples=256, measure="uniform", progress=False, method="smc",
+                       curvature="none", seed=3, budget=budget, **kwargs)
+
+
+def test_a_budget_sizes_the_particles_to_fit():
+    """A 16-particle pilot prices a particle; the replicas get as many as the budget affords
+    (fewer than the 256 asked for), the evaluations stay within it, and the estimate meets the
+    closed form. Where the pilot's price proves low, the replicas that finished are pooled."""
+    fn, c, truth, calls = _counted_ellipsoid(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = _budgeted(fn, c, 100_000)
+    sizing = res.meta["budget_sizing"]
+    assert 16 < sizing["particles"] < 256
+    assert sizing["particles"] * len(res.replicas) == res.n_samples
+    assert len(res.replicas) == sizing.get("replicas_finished", 4) >= 2
+    assert len(calls) - 1 <= res.meta["total_evals"] <= 100_000 + 64 * 40
+    assert abs(res.log_volume - truth) <= 2.0
+    lo, hi = res.interval()
+    assert math.isfinite(lo) and math.isfinite(hi)
+
+
+def test_a_budget_too_small_for_the_replicas_says_what_they_need():
+    """Not even 4 replicas of 16 particles fit: the run stops after the pilot (not when the
+    budget is gone) and names the budget they would need."""
+    fn, c, _, calls = _counted_ellipsoid(10)
+    with pytest.raises(bv.BudgetExhausted, match=r"budget=20000 .* need a budget of about \d+"):
+        _budgeted(fn, c, 20_000)
+    assert len(calls) < 10_000
+
+
+def test_a_replica_cut_off_by_the_budget_leaves_the_finished_ones(monkeypatch):
+    """Sizing that overplans (all of what is left) runs out in a late replica: the
+    estimate pools those that finished, and says so."""
+    from basin_volume import smc_estimate
+
+    monkeypatch.setattr(smc_estimate, "_BUDGET_SHARE", 1.0)
+    fn, c, truth, _ = _counted_ellipsoid(10)
+    with pytest.warns(RuntimeWarning, match="pools the [23] that finished"):
+        res = _budgeted(fn, c, 60_000)
+    assert 2 <= len(res.replicas) < 4
+    assert res.meta["budget_sizing"]["replicas_finished"] == len(res.replicas)
+    assert res.meta["total_evals"] > 60_000
+    assert abs(res.log_volume - truth) <= 3.0
+
+
 @pytest.mark.parametrize("measure", ["uniform", "gaussian"])
 def test_nan_everywhere_but_the_centre_is_minus_inf_with_a_warning(measure):
     """As for importance sampling: no ray is known to hold mass, so log P = -inf."""

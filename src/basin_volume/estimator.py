@@ -208,7 +208,7 @@ def estimate(
         The trained parameters :math:`\theta_0`, 1-D, finite, on any device.
     n_samples : int
         Number of random directions (``method="is"``), or particles per replica
-        (``method="smc"``).
+        (``method="smc"``; under a ``budget``, at most this many).
     cutoff : float
         :math:`\varepsilon > 0`, in the units of ``fn`` (nats for a KL basin).
     measure : {"gaussian", "uniform"}
@@ -264,8 +264,14 @@ def estimate(
         ``"is"``.
     budget : int, optional
         Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
-        each batch of radius searches (so a run may pass it by one batch);
-        :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when it runs out.
+        each batch of radius searches (so a run may pass it by one batch). With more than 16
+        particles asked for, a pilot run of 16 prices one particle and each replica gets as
+        many as 70% of what is left affords (at most ``n_samples``; ``meta["budget_sizing"]``
+        says how many). If a late replica still runs out, the estimate pools the two or more
+        that finished, with a ``RuntimeWarning``;
+        :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when fewer than two
+        would finish, or, right after the pilot, when 16 particles per replica do not fit
+        (naming the budget they need).
     replicas : int
         Independent SMC runs pooled into the estimate; their spread gives the interval.
     n_moves : int or None

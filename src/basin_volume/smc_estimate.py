@@ -31,9 +31,9 @@ from .preconditioners import DiagonalPreconditioner, as_preconditioner
 from .projected_normal import ProjectedNormal
 from .radius import RayStatus, radius_search
 from .rays import DenseRays
-from .result import VolumeResult
+from .result import VolumeResult, warn_every_time
 from .smc import GradientRequest, Radii, smc_sampler
-from .smc_base import _Path
+from .smc_base import SMCRun, _Path
 
 __all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
 
@@ -47,10 +47,46 @@ _BISECTIONS = 40
 _SUBDIVIDE = 3  # halvings of a flat stretch of the segment near the cutoff
 _RADIUS_NATS = 0.01  # a crossing is placed to this much of its ray's log-mass
 _POLISH_ROUNDS = 8
+_PILOT = 16  # particles of the run that measures a replica's cost under a budget
+_BUDGET_SHARE = 0.7  # of the budget left after the pilot, planned for the replicas
 
 
 class BudgetExhausted(RuntimeError):
     """The evaluation budget ran out before the sampler finished."""
+
+
+def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_particles: int,
+                   seed: int) -> tuple[SMCRun, dict]:
+    r"""Particles per replica that fit ``budget``: a pilot run of :data:`_PILOT` particles
+    measures the evaluations one particle costs over a whole run, :math:`c`, and the replicas
+    get :math:`n = \min(n_\text{particles}, \lfloor s\,(B - \text{spent}) / (R c)\rfloor)`,
+    :math:`s` = :data:`_BUDGET_SHARE` (a run's cost varies with its number of levels).
+
+    A run's cost grows with its particles a little faster than in proportion (a small run's
+    effective sample sizes miss some of the weights' spread and it takes fewer levels: on an
+    ellipsoid in D = 10, 290 evaluations per particle at 16 particles and 450 at 64), hence
+    the share; where it still runs out, :func:`estimate_smc` pools the replicas that
+    finished. ``moved()`` counts the evaluations that grow with the particles (``spent()`` also holds one-off costs such as the
+    curvature proposal's, which the pilot may pay). Returns the pilot
+    run and the sizing record (``meta["budget_sizing"]``); raises :class:`BudgetExhausted`
+    when not even :data:`_PILOT` particles per replica fit.
+    """
+    before, scaling = spent(), moved()
+    pilot = replica(_PILOT, direction_seed(seed, 0, 1),
+                    f"the pilot run of {_PILOT} particles that sizes the replicas to it")
+    cost = max(moved() - scaling, 1) / _PILOT
+    left = budget - spent()
+    n = min(n_particles, int(_BUDGET_SHARE * left / (replicas * cost)))
+    if n < _PILOT:
+        need = math.ceil(replicas * _PILOT * cost / _BUDGET_SHARE) + spent() - before
+        raise BudgetExhausted(
+            f"budget={budget} evaluations do not fit {replicas} SMC replicas of {_PILOT} "
+            f"particles: a particle costs about {cost:.0f} evaluations over a run here (a "
+            f"pilot run of {_PILOT} particles spent {spent() - before}), so they need a budget "
+            f"of about {need}; raise budget, lower replicas, or use method='is'"
+        )
+    return pilot, {"particles": n, "pilot_evals": spent() - before,
+                   "evals_per_particle": cost}
 
 
 def _cutoff_radius(history: list[tuple[float, float]], cutoff: float, t: float, d: float,
@@ -434,60 +470,92 @@ def estimate_smc(
         raise ValueError(f"fn(center) is {f0}; the objective must be finite at the centre")
     started = time.perf_counter()
     searched = 0
-    runs, failures = [], {}
+    failures = {}
     wall_gradients = _WallGradients(fn, rays, batch_size)
     log_mass = _ray_log_mass(rays.center, sigma if measure == "gaussian" else None)
+
+    def moved() -> int:  # evaluations that grow with the particles
+        return searched + EVALS_PER_GRADIENT * wall_gradients.count
+
+    def spent() -> int:
+        return moved() + getattr(start, "evals", 0)
+
+    def replica(n: int, run_seed: int, what: str) -> SMCRun:
+        """One SMC run of ``n`` particles, its requests answered; raises
+        :class:`BudgetExhausted` once the evaluations pass ``budget``."""
+        nonlocal searched
+        sampler = smc_sampler(
+            rays.center,
+            sigma=sigma if measure == "gaussian" else None,
+            n_particles=n,
+            n_moves=n_moves,
+            seed=run_seed,
+            start=start,
+            gradients=fn is not None,
+        )
+        request = next(sampler)
+        while True:
+            if isinstance(request, GradientRequest):
+                reply = wall_gradients(request)
+            else:
+                known = torch.isfinite(request.guesses) & (request.guesses > 0)
+                guesses = torch.where(known, request.guesses, first_guess)
+                found = search_radii(
+                    rays, request.omegas, guesses, request.slopes, f0=f0,
+                    cutoff=cutoff * request.level,
+                    rtol=rtol, max_radius=max_radius, max_evals=max_evals,
+                    batch_size=batch_size, check=request.check, log_mass=log_mass,
+                )
+                searched += int(found["n_evals"].sum())
+                for st in found["status"]:
+                    if st not in ("converged", "unbounded"):
+                        failures[st] = failures.get(st, 0) + 1
+                reply = Radii(found["radius"], found["slope"])
+            if budget is not None and spent() > budget:
+                raise BudgetExhausted(
+                    f"budget={budget} evaluations ran out in {what}; raise budget, or lower "
+                    "n_samples (particles per replica) or replicas"
+                )
+            bar.set_postfix(evals=spent())
+            try:
+                request = sampler.send(reply)
+            except StopIteration as stop:
+                return stop.value
+
     bar = tqdm(total=replicas, disable=not progress, desc="SMC replicas", unit="replica")
+    runs, sizing = [], None
     try:
-        for rep in range(replicas):
-            sampler = smc_sampler(
-                rays.center,
-                sigma=sigma if measure == "gaussian" else None,
-                n_particles=n_particles,
-                n_moves=n_moves,
-                seed=direction_seed(seed, rep),
-                start=start,
-                gradients=fn is not None,
-            )
-            request = next(sampler)
-            while True:
-                if isinstance(request, GradientRequest):
-                    reply = wall_gradients(request)
-                else:
-                    known = torch.isfinite(request.guesses) & (request.guesses > 0)
-                    guesses = torch.where(known, request.guesses, first_guess)
-                    found = search_radii(
-                        rays, request.omegas, guesses, request.slopes, f0=f0,
-                        cutoff=cutoff * request.level,
-                        rtol=rtol, max_radius=max_radius, max_evals=max_evals,
-                        batch_size=batch_size, check=request.check, log_mass=log_mass,
-                    )
-                    searched += int(found["n_evals"].sum())
-                    for st in found["status"]:
-                        if st not in ("converged", "unbounded"):
-                            failures[st] = failures.get(st, 0) + 1
-                    reply = Radii(found["radius"], found["slope"])
-                spent = (searched + getattr(start, "evals", 0)
-                         + EVALS_PER_GRADIENT * wall_gradients.count)
-                if budget is not None and spent > budget:
-                    raise BudgetExhausted(
-                        f"budget={budget} evaluations ran out in SMC replica {rep + 1} of "
-                        f"{replicas}; raise budget, or lower n_samples (particles per replica)"
-                    )
-                bar.set_postfix(evals=spent)
-                try:
-                    request = sampler.send(reply)
-                except StopIteration as stop:
-                    runs.append(stop.value)
-                    break
+        if budget is not None and n_particles > _PILOT:
+            pilot, sizing = _fit_to_budget(replica, spent, moved, budget=budget,
+                                           replicas=replicas, n_particles=n_particles, seed=seed)
+            n_particles = sizing["particles"]
+            if n_particles == _PILOT:  # the pilot is then a replica like the others
+                runs.append(pilot)
+                bar.update(1)
+        for rep in range(len(runs), replicas):
+            try:
+                runs.append(replica(n_particles, direction_seed(seed, rep),
+                                    f"SMC replica {rep + 1} of {replicas}"))
+            except BudgetExhausted:
+                if len(runs) < 2:
+                    raise
+                warn_every_time(
+                    f"budget={budget} evaluations ran out in SMC replica {rep + 1} of "
+                    f"{replicas}; the estimate pools the {len(runs)} that finished (its "
+                    "interval is wider); raise budget for all of them",
+                    RuntimeWarning, stacklevel=4,
+                )
+                sizing = {**(sizing or {}), "replicas_finished": len(runs)}
+                break
             bar.update(1)
     finally:
         bar.close()
         rays.restore()
-    spent = searched + getattr(start, "evals", 0) + EVALS_PER_GRADIENT * wall_gradients.count
     meta = {**meta, "curvature_evals": getattr(start, "evals", 0),
             "gradients": wall_gradients.count}
-    return _assemble(runs, failures, spent, dim=rays.dim, measure=measure, cutoff=cutoff,
+    if sizing is not None:
+        meta["budget_sizing"] = sizing
+    return _assemble(runs, failures, spent(), dim=rays.dim, measure=measure, cutoff=cutoff,
                      sigma=sigma, rtol=rtol, seed=seed, f0=f0, started=started, meta=meta)
 
 

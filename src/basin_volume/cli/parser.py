@@ -200,7 +200,8 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
     g.add_argument(
         "--budget",
         type=_positive_int,
-        help="cap on the evaluations of the objective (SMC runs; default: none)",
+        help="cap on the evaluations of the objective (SMC runs; default: none): a pilot "
+        "run prices a particle and the replicas get as many as fit, at most -n",
     )
     g.add_argument(
         "--parameters",
