@@ -66,10 +66,10 @@ def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_parti
     effective sample sizes miss some of the weights' spread and it takes fewer levels: on an
     ellipsoid in D = 10, 290 evaluations per particle at 16 particles and 450 at 64), hence
     the share; where it still runs out, :func:`estimate_smc` pools the replicas that
-    finished. ``moved()`` counts the evaluations that grow with the particles (``spent()`` also holds one-off costs such as the
-    curvature proposal's, which the pilot may pay). Returns the pilot
-    run and the sizing record (``meta["budget_sizing"]``); raises :class:`BudgetExhausted`
-    when not even :data:`_PILOT` particles per replica fit.
+    finished. ``moved()`` counts the evaluations that grow with the particles (``spent()``
+    also holds one-off costs such as the curvature proposal's, which the pilot may pay).
+    Returns the pilot run and the sizing record (``meta["budget_sizing"]``); raises
+    :class:`BudgetExhausted` when not even :data:`_PILOT` particles per replica fit.
     """
     before, scaling = spent(), moved()
     pilot = replica(_PILOT, direction_seed(seed, 0, 1),
