@@ -281,3 +281,12 @@ def test_volume_config_method_smc_and_its_refusals():
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, method="mcmc")
     with pytest.raises(ValueError, match="budget"):
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=0)
+    with pytest.raises(ValueError, match="budget does not cap preconditioner_type='adaptive'"):
+        bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=1000,
+                        preconditioner_type="adaptive")
+    # the memory-light mode's directions stop at the budget too
+    light = bv.VolumeEstimator.from_config(cfg.replace(
+        low_memory=True, method="is", n_samples=64, budget=60, model_batch_size=4)).run()
+    assert light.n_samples < 64 and light.meta["budget"]["directions"] == light.n_samples
+    assert 60 <= int(light.n_evals.sum()) <= 60 + 4 * 40
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -271,6 +271,38 @@ def test_a_budget_too_small_for_the_replicas_says_what_they_need():
     assert len(calls) < 10_000
 
 
+def test_auto_spends_a_budget_too_small_for_smc_on_directions():
+    """method="auto": where the pilot shows that 16 particles per replica do not fit, what it
+    left goes to importance sampling, and the whole run stays within the budget."""
+    fn, c, _, calls = _counted_ellipsoid(10)
+    res = bv.estimate(fn, c, n_samples=20_000, measure="uniform", progress=False,
+                      curvature="none", seed=3, budget=20_000)
+    assert res.method == "is" and "do not fit 4 SMC replicas" in res.meta["auto"]
+    assert res.meta["smc_pilot_evals"] + res.meta["budget"]["evals"] >= 20_000
+    assert res.n_samples < 20_000
+    assert len(calls) <= 20_000 + 64 * 40 + 1
+
+
+def test_a_budget_stops_importance_sampling_without_changing_its_directions():
+    """method="is" stops once the budget is spent; direction k depends on (seed, k) only,
+    so the directions done are those of an unbudgeted run of as many."""
+    h, c, _ = _ellipsoid(30, 2)
+    calls = []
+
+    def fn(th):
+        calls.append(1)
+        return 0.5 * (h * (th - c) ** 2).sum()
+
+    capped = bv.estimate(fn, c, n_samples=1000, measure="uniform", progress=False,
+                         method="is", budget=500)
+    done = capped.n_samples
+    assert done < 1000 and capped.meta["budget"] == {
+        "budget": 500, "evals": int(capped.n_evals.sum()), "directions": done}
+    assert 500 <= int(capped.n_evals.sum()) <= 500 + 64 * 40
+    full = bv.estimate(fn, c, n_samples=done, measure="uniform", progress=False, method="is")
+    assert torch.equal(capped.estimates, full.estimates)
+
+
 def test_a_replica_cut_off_by_the_budget_leaves_the_finished_ones(monkeypatch):
     """Sizing that overplans (all of what is left) runs out in a late replica: the
     estimate pools those that finished, and says so."""

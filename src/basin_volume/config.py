@@ -98,7 +98,9 @@ class VolumeConfig:
     method, budget, replicas, n_moves
         As in :func:`basin_volume.estimate`: ``method="smc"`` (sequential Monte Carlo, see
         ``docs/accuracy.md``) runs on dense rays only, so not in the memory-light mode nor
-        with ``preconditioner_type="adaptive"``; ``"auto"`` picks ``"is"`` there.
+        with ``preconditioner_type="adaptive"``; ``"auto"`` picks ``"is"`` there. ``budget``
+        caps the memory-light mode's directions too, and is refused with
+        ``preconditioner_type="adaptive"``.
     preconditioner : tensor or Preconditioner, optional
         Ready-made proposal scales (or a dense preconditioner), as in
         :func:`basin_volume.estimate`; with ``preconditioner_type="adaptive"`` the starting
@@ -225,6 +227,12 @@ class VolumeConfig:
         if kind is not None and not isinstance(kind, torch.Tensor):
             kind = parse_preconditioner_type(kind)
             object.__setattr__(self, "preconditioner_type", kind)
+        if self.budget is not None and kind is PreconditionerType.ADAPTIVE:
+            raise ValueError(
+                "budget does not cap preconditioner_type='adaptive' (its rounds are set by "
+                "n_samples and adaptive_rounds); leave budget unset, or use "
+                "preconditioner_type='fisher' or 'adam'"
+            )
         if self.preconditioner is not None and kind not in (
             None,
             PreconditionerType.NONE,

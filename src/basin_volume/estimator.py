@@ -49,6 +49,7 @@ from .ray_loop import RadiusSearchWarning, _version, run_directions, run_rays
 from .rays import DenseRays
 from .result import DirectionRecord, VolumeResult, warn_every_time
 from .settings import Measure, Method, Settings
+from .smc_estimate import BudgetTooSmall
 
 __all__ = ["Measure", "Method", "RadiusSearchWarning", "estimate", "run_rays"]
 
@@ -263,15 +264,20 @@ def estimate(
         outside 16 to 2^20 particles, or under torchrun with several processes, where it is
         ``"is"``.
     budget : int, optional
-        Cap on the total number of evaluations of ``fn`` (``method="smc"``), checked after
-        each batch of radius searches (so a run may pass it by one batch). With more than 16
-        particles asked for, a pilot run of 16 prices one particle and each replica gets as
-        many as 70% of what is left affords (at most ``n_samples``; ``meta["budget_sizing"]``
-        says how many). If a late replica still runs out, the estimate pools the two or more
-        that finished, with a ``RuntimeWarning``;
-        :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised when fewer than two
-        would finish, or, right after the pilot, when 16 particles per replica do not fit
-        (naming the budget they need).
+        Cap on the total number of evaluations of ``fn``, checked after each batch of
+        radius searches (so a run may pass it by one batch).
+
+        * ``"smc"``: with more than 16 particles asked for, a pilot run of 16 prices one
+          particle and each replica gets as many as 70% of what is left affords (at most
+          ``n_samples``; ``meta["budget_sizing"]`` says how many). If a late replica still
+          runs out, the estimate pools the two or more that finished, with a
+          ``RuntimeWarning``. :class:`~basin_volume.smc_estimate.BudgetExhausted` is raised
+          when fewer than two would finish, or, right after the pilot, when 16 particles per
+          replica do not fit (naming the budget they need).
+        * ``"auto"``: as ``"smc"``, except that where 16 particles per replica do not fit,
+          what the pilot left goes to importance sampling (``meta["auto"]`` says why).
+        * ``"is"``: directions stop once they have spent it (``meta["budget"]``; the result
+          holds the directions done, at most ``n_samples``).
     replicas : int
         Independent SMC runs pooled into the estimate; their spread gives the interval.
     n_moves : int or None
@@ -328,9 +334,12 @@ def estimate(
     seed = _check_seed(seed)
     pre = as_preconditioner(preconditioner, center.numel())
     model_batch_size = _check_positive("model_batch_size", model_batch_size, integer=True)
+    chosen = method
     method = resolve_method(method, pre, n_samples=n_samples, resume_from=resume_from,
                             callback=callback)
     smc = method is Method.SMC
+    if budget is not None:
+        budget = _check_positive("budget", budget, integer=True)
     if smc:
         replicas = _check_positive("replicas", replicas, integer=True)
         if n_moves is not None:
@@ -338,7 +347,6 @@ def estimate(
         if curvature not in ("auto", "hessian", "none"):
             raise ValueError(f"curvature must be 'auto', 'hessian' or 'none', got {curvature!r}")
         if budget is not None:
-            budget = _check_positive("budget", budget, integer=True)
             n_moves = BUDGET_MOVES if n_moves is None else n_moves
     if model_batch_size > 1 and batch_fn is None:
         batch_fn = _vmapped_or_none(fn, center)
@@ -347,11 +355,22 @@ def estimate(
         measure=measure, n_samples=n_samples, cutoff=cutoff, rtol=rtol, max_evals=max_evals,
         seed=seed, sigma=sigma, max_radius=max_radius, dim=rays.dim, norm_c=rays.center_norm,
     )  # fmt: skip
+    meta = {}
     if smc:
-        return _estimate_smc(
-            fn, rays, pre, settings, progress=progress, budget=budget, replicas=replicas,
-            n_moves=n_moves, batch_size=model_batch_size, curvature=curvature,
-        )  # fmt: skip
+        try:
+            return _estimate_smc(
+                fn, rays, pre, settings, progress=progress, budget=budget, replicas=replicas,
+                n_moves=n_moves, batch_size=model_batch_size, curvature=curvature,
+            )  # fmt: skip
+        except BudgetTooSmall as err:
+            if Method(chosen) is not Method.AUTO:
+                raise
+            # "auto": the most accurate method that fits; what is left goes to directions
+            budget -= err.spent
+            if budget <= 0:
+                raise
+            meta = {"auto": f"importance sampling: {err}", "smc_pilot_evals": err.spent}
+            rays = DenseRays(fn, center, seed=seed, preconditioner=pre, batch_fn=batch_fn)
     return run_directions(
         rays,
         settings,
@@ -359,10 +378,12 @@ def estimate(
         callback=callback,
         resume_from=resume_from,
         batch_size=model_batch_size,
+        budget=budget,
         meta={
             "device": str(center.device),
             "dtype": str(center.dtype).removeprefix("torch."),
             "preconditioner": None if pre is None else type(pre).__name__,
+            **meta,
         },
     )
 

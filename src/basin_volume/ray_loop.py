@@ -76,6 +76,7 @@ def run_rays(
     resume_from: VolumeResult | None,
     meta: dict,
     batch_size: int = 1,
+    budget: int | None = None,
 ) -> VolumeResult:
     """The estimator proper, for any ray evaluator of :mod:`basin_volume.rays`.
 
@@ -94,6 +95,7 @@ def run_rays(
         resume_from=resume_from,
         meta=meta,
         batch_size=batch_size,
+        budget=budget,
     )
 
 
@@ -106,9 +108,13 @@ def run_directions(
     resume_from: VolumeResult | None,
     meta: dict,
     batch_size: int = 1,
+    budget: int | None = None,
 ) -> VolumeResult:
     """The loop proper, with settings resolved (by :meth:`Settings.resolve` on ``rays``'s
-    dimension and centre norm); :func:`run_rays` resolves them first."""
+    dimension and centre norm); :func:`run_rays` resolves them first. With ``budget`` it
+    stops after the first group of directions whose searches bring this call's evaluations
+    to ``budget`` (every rank sees the same records, so all stop together), and the result
+    holds the directions done (``meta["budget"]``)."""
     dim, norm_c = rays.dim, rays.center_norm
     measure, n_samples, sigma = settings.measure, settings.n_samples, settings.sigma
     batch_size = checks.check_positive("batch_size", batch_size, integer=True)
@@ -119,6 +125,7 @@ def run_directions(
 
     started = time.perf_counter()
     records: list[DirectionRecord] = list(resume_from.records() if resume_from else [])
+    resumed, spent = len(records), 0
     init_from_env()
     rank, size = world()
     bar = tqdm(
@@ -142,6 +149,7 @@ def run_directions(
                 new = gather_records(new)
             for record in new:
                 records.append(record)
+                spent += record.n_evals
                 if callback is not None:
                     callback(record)
             bar.update(len(new))
@@ -151,6 +159,8 @@ def run_directions(
                     log_vol=f"{float(torch.logsumexp(ests, 0)) - math.log(len(ests)):.5g}",
                     evals=f"{sum(r.n_evals for r in records) / len(records):.2f}",
                 )
+            if budget is not None and spent >= budget:
+                break
     finally:
         bar.close()
         rays.restore()
@@ -169,6 +179,8 @@ def run_directions(
             "center_sha256": center_sha256,
             "cutoff_bound": cutoff_bounds(records),
             **meta,
+            **({} if budget is None else {"budget": {
+                "budget": budget, "evals": spent, "directions": len(records) - resumed}}),
             "max_radius": settings.max_radius,
             "seconds": time.perf_counter() - started,
             "torch_version": torch.__version__,

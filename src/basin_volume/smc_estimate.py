@@ -35,7 +35,7 @@ from .result import VolumeResult, warn_every_time
 from .smc import GradientRequest, Radii, smc_sampler
 from .smc_base import SMCRun, _Path
 
-__all__ = ["BudgetExhausted", "estimate_smc", "search_radii"]
+__all__ = ["BudgetExhausted", "BudgetTooSmall", "estimate_smc", "search_radii"]
 
 
 _SEGMENT_POINTS = 8  # points checked inside a flattening ray's radius
@@ -55,6 +55,15 @@ class BudgetExhausted(RuntimeError):
     """The evaluation budget ran out before the sampler finished."""
 
 
+class BudgetTooSmall(BudgetExhausted):
+    """The pilot run showed that the budget cannot fit the replicas; ``spent`` is what the
+    run used up to then (``method="auto"`` goes on with importance sampling)."""
+
+    def __init__(self, message: str, spent: int):
+        super().__init__(message)
+        self.spent = spent
+
+
 def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_particles: int,
                    seed: int) -> tuple[SMCRun, dict]:
     r"""Particles per replica that fit ``budget``: a pilot run of :data:`_PILOT` particles
@@ -69,7 +78,7 @@ def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_parti
     finished. ``moved()`` counts the evaluations that grow with the particles (``spent()``
     also holds one-off costs such as the curvature proposal's, which the pilot may pay).
     Returns the pilot run and the sizing record (``meta["budget_sizing"]``); raises
-    :class:`BudgetExhausted` when not even :data:`_PILOT` particles per replica fit.
+    :class:`BudgetTooSmall` when not even :data:`_PILOT` particles per replica fit.
     """
     before, scaling = spent(), moved()
     pilot = replica(_PILOT, direction_seed(seed, 0, 1),
@@ -79,11 +88,12 @@ def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_parti
     n = min(n_particles, int(_BUDGET_SHARE * left / (replicas * cost)))
     if n < _PILOT:
         need = math.ceil(replicas * _PILOT * cost / _BUDGET_SHARE) + spent() - before
-        raise BudgetExhausted(
+        raise BudgetTooSmall(
             f"budget={budget} evaluations do not fit {replicas} SMC replicas of {_PILOT} "
             f"particles: a particle costs about {cost:.0f} evaluations over a run here (a "
             f"pilot run of {_PILOT} particles spent {spent() - before}), so they need a budget "
-            f"of about {need}; raise budget, lower replicas, or use method='is'"
+            f"of about {need}; raise budget, lower replicas, or use method='is'",
+            spent(),
         )
     return pilot, {"particles": n, "pilot_evals": spent() - before,
                    "evals_per_particle": cost}

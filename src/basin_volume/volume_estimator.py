@@ -242,8 +242,8 @@ class VolumeEstimator:
         """One proposal for every direction: ``config.preconditioner`` or the built one."""
         cfg = self.config
         # the dense runner is estimate(), which resolves method="auto" itself
-        extra = {} if self.low_memory else dict(method=cfg.method, budget=cfg.budget,
-                                                replicas=cfg.replicas, n_moves=cfg.n_moves)
+        extra = dict(budget=cfg.budget) if self.low_memory else dict(
+            method=cfg.method, budget=cfg.budget, replicas=cfg.replicas, n_moves=cfg.n_moves)
         return run_batch(
             **extra,
             preconditioner=self.preconditioner,

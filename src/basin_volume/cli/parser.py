@@ -200,8 +200,9 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
     g.add_argument(
         "--budget",
         type=_positive_int,
-        help="cap on the evaluations of the objective (SMC runs; default: none): a pilot "
-        "run prices a particle and the replicas get as many as fit, at most -n",
+        help="cap on the evaluations of the objective (default: none). smc: a pilot run "
+        "prices a particle and the replicas get as many as fit, at most -n; auto: importance "
+        "sampling where not even 16 fit; is: the directions stop once it is spent",
     )
     g.add_argument(
         "--parameters",
