@@ -85,7 +85,7 @@ def resolve_method(method, pre, *, n_samples: int, resume_from, callback) -> Met
 
 def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budget,
                   replicas: int, n_moves: int | None, batch_size: int,
-                  curvature: str) -> VolumeResult:
+                  curvature: str, bidirectional: bool) -> VolumeResult:
     """``method="smc"``: :func:`basin_volume.smc_estimate.estimate_smc` on dense rays."""
     from .smc_estimate import estimate_smc
 
@@ -122,10 +122,12 @@ def _estimate_smc(fn, rays: DenseRays, pre, s: Settings, *, progress: bool, budg
             "torch_version": torch.__version__,
             "basin_volume_version": _version(),
             "n_moves": n_moves,
+            "bidirectional": bidirectional,
             "curvature": curvature,
         },
         start=start,
         fn=fn if rays.dim <= MAX_DIM else None,
+        bidirectional=bidirectional,
     )
     result.warn_if_unreliable(stacklevel=4)
     failed = result.meta["failed_searches"]
@@ -195,6 +197,7 @@ def estimate(
     replicas: int = 4,
     n_moves: int | None = None,
     curvature: str = "auto",
+    bidirectional: bool = False,
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -298,6 +301,12 @@ def estimate(
         basin's wall, whenever ``fn`` has at most that many parameters and :mod:`torch.func`
         can differentiate it once (``meta["gradients"]`` counts the gradients taken, each
         charged as 2 evaluations); otherwise they are Crank-Nicolson steps.
+    bidirectional : bool
+        ``method="smc"``, where it tempers from a proposal: walk each replica's final
+        particles back along its levels (about twice the moves). Where the moves fail to
+        mix, the forward estimate falls below the truth and the backward one rises above it
+        (bidirectional Monte Carlo); the interval then reaches up to the backward replicas'
+        (``meta["smc"]["reverse"]``, ``docs/accuracy.md``).
 
     Returns
     -------
@@ -361,6 +370,7 @@ def estimate(
             return _estimate_smc(
                 fn, rays, pre, settings, progress=progress, budget=budget, replicas=replicas,
                 n_moves=n_moves, batch_size=model_batch_size, curvature=curvature,
+                bidirectional=bidirectional,
             )  # fmt: skip
         except BudgetTooSmall as err:
             if Method(chosen) is not Method.AUTO:

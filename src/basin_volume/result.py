@@ -345,15 +345,46 @@ class VolumeResult:
         r"""Student-t interval from the spread of the replicas' :math:`\log\hat\mu_r`.
 
         Each replica is an independent run, so the spread measures the method's own
-        variance (not a resampling of one run's directions).
+        variance (not a resampling of one run's directions). With backward passes
+        (``bidirectional``) the upper end is at least theirs: the same Student-t bound
+        around :attr:`log_volume_reverse`.
         """
         logs = torch.tensor(self.replicas, dtype=torch.float64)
         if logs.numel() < 2 or not bool(torch.isfinite(logs).all()):
             return (-math.inf, math.inf) if logs.numel() < 2 else (self.log_volume,) * 2
-        half = float(student_t.ppf((1 + level) / 2, logs.numel() - 1)) * float(
-            logs.std() / math.sqrt(logs.numel())
-        )
-        return self.log_volume - half, self.log_volume + half
+        t = float(student_t.ppf((1 + level) / 2, logs.numel() - 1))
+        half = t * float(logs.std() / math.sqrt(logs.numel()))
+        high = self.log_volume + half
+        back = self._reverse_logs()
+        if back is not None:
+            high = max(high, self.log_volume_reverse + t * float(back.std() / math.sqrt(
+                back.numel())))
+        return self.log_volume - half, high
+
+    def _reverse_logs(self) -> torch.Tensor | None:
+        """The backward passes' estimates, if every replica made a finite one."""
+        back = (self.meta.get("smc") or {}).get("reverse") or []
+        logs = torch.tensor([math.nan if v is None else v for v in back], dtype=torch.float64)
+        if self.method != "smc" or logs.numel() < 2 or not bool(torch.isfinite(logs).all()):
+            return None
+        return logs
+
+    @property
+    def log_volume_reverse(self) -> float:
+        r"""``bidirectional`` SMC: the backward passes' pooled estimate,
+        :math:`-\log\tfrac1R\sum_r e^{-\log\hat\mu^{\leftarrow}_r}` (each backward pass
+        estimates :math:`1/\mu`); ``nan`` without them. Far above :attr:`log_volume`, it
+        says the moves did not mix (:attr:`passes_disagree`)."""
+        back = self._reverse_logs()
+        return math.nan if back is None else -_logmeanexp(-back)
+
+    @property
+    def passes_disagree(self) -> bool:
+        """Whether the backward passes of a ``bidirectional`` SMC result lie more than
+        :data:`SMC_SPREAD` nats above the forward ones: the moves did not mix, the estimate
+        is likely low, and the truth likely between the two. Said by :meth:`summary`,
+        warned by :meth:`warn_if_unreliable`."""
+        return self.log_volume_reverse - self.log_volume > SMC_SPREAD
 
     def warn_if_unreliable(self, *, stacklevel: int = 2) -> None:
         """Warn when the ESS is low (the estimate is then likely a lower bound).
@@ -378,6 +409,12 @@ class VolumeResult:
                     LowESSWarning,
                     stacklevel=stacklevel,
                 )
+            if self.passes_disagree:
+                warn_every_time(
+                    f"log_volume {self.log_volume:.6g}: {self._directions_text()}",
+                    LowESSWarning,
+                    stacklevel=stacklevel,
+                )
             return
         if self.low_ess:
             warn_every_time(
@@ -389,6 +426,14 @@ class VolumeResult:
                 LowESSWarning,
                 stacklevel=stacklevel,
             )
+
+    def _directions_text(self) -> str:
+        return (
+            f"the backward passes estimate {self.log_volume_reverse:.6g}, "
+            f"{self.log_volume_reverse - self.log_volume:.3g} nats above the forward ones: the "
+            "moves did not mix, so the estimate is likely low and the truth likely between "
+            "the two (the interval spans both); raise n_samples or n_moves"
+        )
 
     def _below_importance_text(self) -> str:
         floor = self.meta["smc"]["importance_floor"]
@@ -420,11 +465,15 @@ class VolumeResult:
             lines.append("replicas: " + ", ".join(f"{r:.6g}" for r in self.replicas))
             if self.below_importance:
                 lines.append(f"warning: {self._below_importance_text()}")
+            if self._reverse_logs() is not None:
+                lines.append(f"backward passes: {self.log_volume_reverse:.6g} (pooled)")
             if self.replicas_disagree:
                 lines.append(
                     f"warning: the replicas disagree by more than {SMC_SPREAD:g} nats (standard "
                     "deviation), so the estimate is not converged; raise n_samples or n_moves"
                 )
+            if self.passes_disagree:
+                lines.append(f"warning: {self._directions_text()}")
         else:
             lines.append(
                 f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "

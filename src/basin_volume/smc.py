@@ -119,6 +119,7 @@ def smc_sampler(
     dense: bool = False,
     ess_target: float = 0.5,
     gradients: bool = False,
+    bidirectional: bool = False,
 ) -> Generator[RadiusRequest | GradientRequest, Radii | torch.Tensor | None, SMCRun]:
     r"""Estimate :math:`\log\mu(K)` by SMC along the Gaussian-cooling path.
 
@@ -151,6 +152,10 @@ def smc_sampler(
         Ask for the gradient of :math:`\delta` at the rays' walls (:class:`GradientRequest`)
         to steer the moves of tempering and Gaussian cooling (Hamiltonian Monte Carlo, see
         :func:`basin_volume.smc_paths._move`).
+    bidirectional : bool
+        Along the tempering path, walk the final particles back to the proposal too
+        (``SMCRun.log_z_reverse``, :func:`basin_volume.smc_paths._tempered`); about twice
+        the moves.
 
     Yields
     ------
@@ -239,7 +244,7 @@ def smc_sampler(
     if start is not None:
         run = yield from _tempered(
             start, xs, radii_s, ell_s, theta0, path, n_moves=n_moves, ess_target=ess_target,
-            gen=gen, ess_start=ess_start, gradients=gradients,
+            gen=gen, ess_start=ess_start, gradients=gradients, reverse=bidirectional,
         )
         return dataclasses.replace(run, importance=tuple(importance))
 

@@ -88,6 +88,10 @@ class SMCRun:
         them is wrong (:attr:`basin_volume.VolumeResult.below_importance`).
     moves : tuple of int
         Moves made at each level (fixed, or until the particles decorrelated).
+    log_z_reverse : float
+        ``bidirectional`` tempering: the estimate of :math:`\\log\\mu(K)` from walking the
+        final particles back to the proposal (:func:`basin_volume.smc_paths._tempered`);
+        ``nan`` otherwise.
     """
 
     log_z: float
@@ -100,6 +104,7 @@ class SMCRun:
     log_integrals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     importance: tuple[float, ...] = ()
     moves: tuple[int, ...] = ()
+    log_z_reverse: float = math.nan
 
 
 def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:

@@ -455,6 +455,7 @@ def estimate_smc(
     meta: dict,
     start: ProjectedNormal | CurvatureProposal | None = None,
     fn=None,
+    bidirectional: bool = False,
 ) -> VolumeResult:
     """:func:`basin_volume.estimate` with ``method="smc"``; the arguments are documented there.
 
@@ -502,6 +503,7 @@ def estimate_smc(
             seed=run_seed,
             start=start,
             gradients=fn is not None,
+            bidirectional=bidirectional,
         )
         request = next(sampler)
         while True:
@@ -648,6 +650,7 @@ def _assemble(runs, failures, spent, *, dim, measure, cutoff, sigma, rtol, seed,
                 "path": [list(run.path) for run in runs],
                 "importance": [list(run.importance) for run in runs],
                 "importance_floor": floor,
+                "reverse": [run.log_z_reverse for run in runs],
             },
         },
         method="smc",

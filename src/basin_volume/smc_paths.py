@@ -84,7 +84,8 @@ def _halves(state: _State, gen: torch.Generator) -> tuple[torch.Tensor, torch.Te
 
 
 def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, n_moves: int | None,
-              ess_target: float, gen: torch.Generator, ess_start: float, gradients: bool):
+              ess_target: float, gen: torch.Generator, ess_start: float, gradients: bool,
+              reverse: bool = False):
     r"""SMC from the proposal :math:`q` to the target along :math:`\pi_\beta \propto
     q^{1-\beta}\pi^\beta`.
 
@@ -93,6 +94,15 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     moves (:func:`_move`) alternate between :math:`q` itself as the reference (good where the
     proposal is) and a diagonal normal law fitted to the particles at each level (which
     learns some of what :math:`q` misses).
+
+    With ``reverse`` the final particles then walk the same levels back to :math:`q`
+    (bidirectional Monte Carlo; Grosse, Ghahramani & Adams 2015): reweighting from
+    :math:`\beta` down to :math:`\beta'` multiplies by :math:`e^{(\beta'-\beta)\ell}`, and
+    the product of the mean weights estimates :math:`Z_0/Z_1 = 1/\mu(K)`. Started from exact
+    draws of :math:`\pi` it would be unbiased for :math:`1/\mu`, so minus its logarithm
+    would lie above :math:`\log\mu` on average, as the forward estimate lies below; started
+    from the forward run's particles it is not guaranteed to, but where the moves fail to mix
+    the two move apart, and their gap measures how far (``SMCRun.log_z_reverse``).
     """
     n, d = x.shape
     omega = base._unit(x)
@@ -106,6 +116,12 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     def log_target(rr, oo):
         return log_sphere_area(d) + path.log_mass(path.end, rr, oo @ theta0)
 
+    def mixed(st: _State, beta: float):
+        return (yield from _mix(st, n_moves, lambda move, st: _move(
+            move, q, st, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
+            theta0=theta0, gen=gen, gradients=gradients,
+        )))
+
     while beta < 1.0:
         beta_next = _next_beta(ell, beta, ess_target * n)
         inc = (beta_next - beta) * ell
@@ -113,15 +129,26 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         state = state.resampled(base._systematic(inc, gen))
         beta = beta_next
         levels.append(beta)
-        state, rate, made = yield from _mix(state, n_moves, lambda move, st, beta=beta: _move(
-            move, q, st, log_target, weight=(beta, 1.0 - beta), rho=rho, path=path,
-            theta0=theta0, gen=gen, gradients=gradients,
-        ))
+        state, rate, made = yield from mixed(state, beta)
         ell = state.log_p - q.log_density(state.omega)
         acceptance.append(rate)
         moves.append(made)
+    final = state
+    log_z_reverse = math.nan
+    if reverse:
+        log_inverse = 0.0
+        for beta_back in [*levels[-2::-1], 0.0]:
+            inc = (beta_back - beta) * ell
+            log_inverse += base._log_mean_exp(inc)
+            state = state.resampled(base._systematic(inc, gen))
+            beta = beta_back
+            if beta > 0.0:
+                state = (yield from mixed(state, beta))[0]
+                ell = state.log_p - q.log_density(state.omega)
+        log_z_reverse = -log_inverse
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  state.r, state.log_p - log_sphere_area(d), moves=tuple(moves))
+                  final.r, final.log_p - log_sphere_area(d), moves=tuple(moves),
+                  log_z_reverse=log_z_reverse)
 
 
 def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int | None,
