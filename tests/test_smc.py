@@ -402,6 +402,44 @@ def test_tempering_from_an_imperfect_proposal_reaches_the_closed_form():
         assert run.log_z == pytest.approx(truth, abs=0.25)
 
 
+def test_backward_passes_meet_the_closed_form_and_leave_the_forward_run_alone():
+    """The same ellipsoid and proposal with ``bidirectional``: each run walks its particles
+    back to the proposal, and that estimate of 1/mu meets the closed form too; the forward
+    estimate is bit for bit the one without the backward pass (which runs after it)."""
+    c, truth, a, start, radius_of = _rotated_ellipsoid_and_a_wrong_proposal()
+    for s in range(2):
+        both = _drive(smc_sampler(c, sigma=None, n_particles=300, n_moves=4, seed=s,
+                                  start=start, bidirectional=True), radius_of)
+        plain = _drive(smc_sampler(c, sigma=None, n_particles=300, n_moves=4, seed=s,
+                                   start=start), radius_of)
+        assert both.kind == "tempered" and both.log_z == plain.log_z
+        assert math.isnan(plain.log_z_reverse)
+        assert both.log_z_reverse == pytest.approx(truth, abs=0.5)
+
+
+def test_backward_passes_widen_the_interval_and_warn_when_they_disagree():
+    """A result's interval reaches up to the backward passes' Student-t bound; passes far
+    above the forward ones are said by the summary and warned about."""
+    h, c, _ = _ellipsoid(10, 1)
+    res = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=32,
+                      measure="uniform", progress=False, replicas=3, method="smc")
+    lo, hi = res.interval()
+    assert math.isnan(res.log_volume_reverse) and not res.passes_disagree
+    back = [r + 5.0 + k for k, r in enumerate(res.replicas)]
+    up = dataclasses.replace(res, meta={**res.meta, "smc": {**res.meta["smc"], "reverse": back}})
+    pooled = -float(torch.logsumexp(-torch.tensor(back), 0)) + math.log(3)
+    assert up.log_volume_reverse == pytest.approx(pooled)
+    t = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5%
+    spread = float(torch.tensor(back, dtype=torch.float64).std())
+    assert up.interval() == pytest.approx((lo, pooled + t * spread / math.sqrt(3)))
+    assert up.passes_disagree and "backward passes estimate" in up.summary()
+    with pytest.warns(bv.LowESSWarning, match="moves did not mix"):
+        up.warn_if_unreliable()
+    close = dataclasses.replace(res, meta={**res.meta, "smc": {
+        **res.meta["smc"], "reverse": [r - 1.0 for r in res.replicas]}})
+    assert close.interval() == pytest.approx((lo, hi)) and not close.passes_disagree
+
+
 def test_segment_check_finds_the_first_crossing_past_a_bump():
     """delta(rho) along every ray: a bump over the cutoff at rho = 1, then a valley, then
     growth. The basin is the ball up to the first crossing, which a doubling search from a

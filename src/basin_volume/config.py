@@ -95,7 +95,7 @@ class VolumeConfig:
         ``tokenizer`` and ``dataset``.
     n_samples, cutoff, measure, sigma, rtol, seed, progress
         As in :func:`basin_volume.estimate`.
-    method, budget, replicas, n_moves
+    method, budget, replicas, n_moves, bidirectional
         As in :func:`basin_volume.estimate`: ``method="smc"`` (sequential Monte Carlo, see
         ``docs/accuracy.md``) runs on dense rays only, so not in the memory-light mode nor
         with ``preconditioner_type="adaptive"``; ``"auto"`` picks ``"is"`` there. ``budget``
@@ -209,6 +209,7 @@ class VolumeConfig:
     budget: int | None = None
     replicas: int = 4
     n_moves: int | None = None
+    bidirectional: bool = False
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -284,6 +285,8 @@ class VolumeConfig:
             checks.check_positive(name, getattr(self, name), integer=True)
         if self.n_moves is not None:
             checks.check_positive("n_moves", self.n_moves, integer=True)
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
         object.__setattr__(
             self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
         )

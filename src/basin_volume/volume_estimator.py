@@ -243,7 +243,8 @@ class VolumeEstimator:
         cfg = self.config
         # the dense runner is estimate(), which resolves method="auto" itself
         extra = dict(budget=cfg.budget) if self.low_memory else dict(
-            method=cfg.method, budget=cfg.budget, replicas=cfg.replicas, n_moves=cfg.n_moves)
+            method=cfg.method, budget=cfg.budget, replicas=cfg.replicas, n_moves=cfg.n_moves,
+            bidirectional=cfg.bidirectional)
         return run_batch(
             **extra,
             preconditioner=self.preconditioner,
