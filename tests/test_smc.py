@@ -194,6 +194,13 @@ def test_smc_result_round_trips_and_old_files_load(tmp_path):
     back = VolumeResult.load(tmp_path / "r.json")
     assert back.method == "smc" and back.replicas == res.replicas
     assert back.log_volume == res.log_volume
+    assert math.isnan(back.log_volume_reverse)
+    both = dataclasses.replace(res, meta={**res.meta, "smc": {
+        **res.meta["smc"], "reverse": [r + 3.0 for r in res.replicas]}})
+    both.save(tmp_path / "b.json")
+    loaded = VolumeResult.load(tmp_path / "b.json")
+    assert loaded.log_volume_reverse == pytest.approx(both.log_volume_reverse)
+    assert loaded.interval() == pytest.approx(both.interval()) and loaded.passes_disagree
     data = bv.estimate(lambda th: 0.5 * (h * (th - c) ** 2).sum(), c, n_samples=8,
                        measure="uniform", progress=False, method="is").to_dict()
     del data["method"], data["replicas"]

@@ -303,10 +303,11 @@ def estimate(
         charged as 2 evaluations); otherwise they are Crank-Nicolson steps.
     bidirectional : bool
         ``method="smc"``, where it tempers from a proposal: walk each replica's final
-        particles back along its levels (about twice the moves). Where the moves fail to
-        mix, the forward estimate falls below the truth and the backward one rises above it
-        (bidirectional Monte Carlo); the interval then reaches up to the backward replicas'
-        (``meta["smc"]["reverse"]``, ``docs/accuracy.md``).
+        particles back along its levels (about twice the moves; bidirectional Monte Carlo).
+        Where the moves fail to mix the two passes move apart, the forward estimate low and
+        the backward one usually higher: a check that needs no truth, not a bound
+        (``log_volume_reverse``, ``passes_disagree``, ``meta["smc"]["reverse"]``). The
+        interval's upper end reaches up to the backward passes' (``docs/accuracy.md``).
 
     Returns
     -------

@@ -411,7 +411,7 @@ class VolumeResult:
                 )
             if self.passes_disagree:
                 warn_every_time(
-                    f"log_volume {self.log_volume:.6g}: {self._directions_text()}",
+                    f"log_volume {self.log_volume:.6g}: {self._passes_text()}",
                     LowESSWarning,
                     stacklevel=stacklevel,
                 )
@@ -427,7 +427,7 @@ class VolumeResult:
                 stacklevel=stacklevel,
             )
 
-    def _directions_text(self) -> str:
+    def _passes_text(self) -> str:
         return (
             f"the backward passes estimate {self.log_volume_reverse:.6g}, "
             f"{self.log_volume_reverse - self.log_volume:.3g} nats above the forward ones: the "
@@ -473,7 +473,7 @@ class VolumeResult:
                     "deviation), so the estimate is not converged; raise n_samples or n_moves"
                 )
             if self.passes_disagree:
-                lines.append(f"warning: {self._directions_text()}")
+                lines.append(f"warning: {self._passes_text()}")
         else:
             lines.append(
                 f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "
