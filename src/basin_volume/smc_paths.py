@@ -140,9 +140,9 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         for beta_back in [*levels[-2::-1], 0.0]:
             inc = (beta_back - beta) * ell
             log_inverse += base._log_mean_exp(inc)
-            state = state.resampled(base._systematic(inc, gen))
             beta = beta_back
-            if beta > 0.0:
+            if beta > 0.0:  # at the proposal itself nothing is left to move
+                state = state.resampled(base._systematic(inc, gen))
                 state = (yield from mixed(state, beta))[0]
                 ell = state.log_p - q.log_density(state.omega)
         log_z_reverse = -log_inverse
