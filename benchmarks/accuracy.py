@@ -8,9 +8,10 @@ or converged direct sampling; never a method's own output) and each method, prin
 Run ``python benchmarks/accuracy.py`` (the quick problems), ``--all`` for every problem,
 ``--held-out`` for the held-out ones only, ``--names a,b`` for a selection, ``--seeds 3`` for
 several seeds of the methods. ``--particles``, ``--replicas``, ``--moves`` set the SMC run and
-``--is-samples`` the importance sampler's directions; ``--bidirectional`` walks SMC's
-particles back along tempering's levels too and prints the backward estimate (the interval
-then reaches up to it). ``--methods`` takes ``smc``, ``is`` and
+``--is-samples`` the importance sampler's directions; ``--no-bidirectional`` leaves out SMC's
+walk back along tempering's levels (on by default without ``--budget``, as in the library),
+whose estimate is printed as "backward" (the interval reaches up to it). ``--methods`` takes
+``smc``, ``is`` and
 ``smc-cooling`` (SMC without the curvature proposal, a second method to compare with where
 no truth is known).
 """
@@ -84,8 +85,8 @@ def main(argv=None) -> None:
                    help="SMC moves per level (default: until the particles decorrelate)")
     p.add_argument("--budget", type=int, default=None,
                    help="fn evaluations each SMC estimate may spend (moves: 3 per level)")
-    p.add_argument("--bidirectional", action="store_true",
-                   help="SMC: walk the particles back too; prints the backward estimate")
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
+                   help="SMC: walk the particles back too (default: without --budget)")
     p.add_argument("--is-samples", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64, help="points per batched fn call")
     args = p.parse_args(argv)
@@ -111,7 +112,8 @@ def main(argv=None) -> None:
                 print(f"{name:34} {problem.truth:12.4f} {method:6} {r['estimate']:12.4f} "
                       f"[{r['lo']:11.4f}, {r['hi']:11.4f}] {cov:>5} {r['error']:9.3f} "
                       f"{r['evals']:9d} {r['seconds']:6.1f}"
-                      + (f"  backward {r['reverse']:.4f}" if args.bidirectional else ""),
+                      + (f"  backward {r['reverse']:.4f}" if math.isfinite(r["reverse"])
+                         else ""),
                       flush=True)
     if total:
         print(f"\nSMC intervals covering the truth: {covered} of {total}")

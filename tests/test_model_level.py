@@ -281,7 +281,7 @@ def test_volume_config_method_smc_and_its_refusals():
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, method="mcmc")
     with pytest.raises(ValueError, match="budget"):
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=0)
-    with pytest.raises(ValueError, match="bidirectional must be True or False"):
+    with pytest.raises(ValueError, match="bidirectional must be True, False or None"):
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, bidirectional=1)
     both = bv.VolumeEstimator.from_config(
         cfg.replace(n_samples=16, n_moves=1, bidirectional=True)).run()

@@ -172,6 +172,21 @@ def test_resume_refuses_a_different_run(config, uninterrupted, tmp_path, digits_
     assert err.value.field == "n_samples"
 
 
+def test_resume_ignores_smc_only_settings_and_logs_written_before_them(config, uninterrupted,
+                                                                        tmp_path):
+    """Run logs hold importance sampling only, so SMC's settings may change on resume, and a
+    log whose header predates ``bidirectional`` still resumes."""
+    full, path = uninterrupted
+    lines = records_path(path).read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["config"]["bidirectional"]
+    out = tmp_path / "old.json"
+    records_path(out).write_text(json.dumps(header) + "\n" + "".join(lines[1:5]))
+    resumed = run_to_file(config.replace(bidirectional=True, n_moves=2, replicas=3), out,
+                          resume=True)
+    assert_same_directions(resumed, full)
+
+
 def test_existing_output_needs_resume_or_overwrite(config, uninterrupted, tmp_path):
     _, path = uninterrupted
     with pytest.raises(FileExistsError, match="resume=True"):

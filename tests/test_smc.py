@@ -424,6 +424,30 @@ def test_backward_passes_meet_the_closed_form_and_leave_the_forward_run_alone():
         assert both.log_z_reverse == pytest.approx(truth, abs=0.5)
 
 
+def test_backward_passes_run_by_default_without_a_budget_only():
+    """``bidirectional=None`` (the default) walks back where SMC tempers, unless a budget is
+    given; the forward estimate is the same with or without the walk back."""
+    h = torch.logspace(0, 2, 12, dtype=torch.float64)
+    c = torch.zeros(12, dtype=torch.float64)
+
+    def fn(th):  # quartic walls far from the isotropic curvature at the centre: it tempers
+        return 0.5 * th.square().sum() + (h.square() * th**4).sum()
+
+    kw = dict(n_samples=16, measure="uniform", cutoff=1.0, progress=False, replicas=2,
+              method="smc", n_moves=1)
+    default = bv.estimate(fn, c, **kw)
+    assert default.meta["smc"]["kinds"] == ["tempered", "tempered"]
+    assert default.meta["bidirectional"] is True
+    assert all(math.isfinite(v) for v in default.meta["smc"]["reverse"])
+    plain = bv.estimate(fn, c, bidirectional=False, **kw)
+    assert plain.replicas == default.replicas and math.isnan(plain.log_volume_reverse)
+    budgeted = bv.estimate(fn, c, budget=10**6, **kw)
+    assert budgeted.meta["bidirectional"] is False
+    assert all(math.isnan(v) for v in budgeted.meta["smc"]["reverse"])
+    with pytest.raises(ValueError, match="bidirectional must be True, False or None"):
+        bv.estimate(fn, c, bidirectional="yes", **kw)
+
+
 def test_backward_passes_widen_the_interval_and_warn_when_they_disagree():
     """A result's interval reaches up to the backward passes' Student-t bound; passes far
     above the forward ones are said by the summary and warned about."""

@@ -209,7 +209,7 @@ class VolumeConfig:
     budget: int | None = None
     replicas: int = 4
     n_moves: int | None = None
-    bidirectional: bool = False
+    bidirectional: bool | None = None
 
     def __post_init__(self):
         for name in _NUMBER_FIELDS:  # np.float32(0.01), torch.tensor(4)... as plain numbers
@@ -285,8 +285,11 @@ class VolumeConfig:
             checks.check_positive(name, getattr(self, name), integer=True)
         if self.n_moves is not None:
             checks.check_positive("n_moves", self.n_moves, integer=True)
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
+        if self.bidirectional is not None and not isinstance(self.bidirectional, bool):
+            raise ValueError(
+                f"bidirectional must be True, False or None (on without a budget), got "
+                f"{self.bidirectional!r}"
+            )
         object.__setattr__(
             self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
         )

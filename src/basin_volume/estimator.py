@@ -197,7 +197,7 @@ def estimate(
     replicas: int = 4,
     n_moves: int | None = None,
     curvature: str = "auto",
-    bidirectional: bool = False,
+    bidirectional: bool | None = None,
 ) -> VolumeResult:
     r"""Estimate the log-probability (or log-volume) of the basin of ``fn`` around ``center``.
 
@@ -301,13 +301,15 @@ def estimate(
         basin's wall, whenever ``fn`` has at most that many parameters and :mod:`torch.func`
         can differentiate it once (``meta["gradients"]`` counts the gradients taken, each
         charged as 2 evaluations); otherwise they are Crank-Nicolson steps.
-    bidirectional : bool
+    bidirectional : bool or None
         ``method="smc"``, where it tempers from a proposal: walk each replica's final
         particles back along its levels (about twice the moves; bidirectional Monte Carlo).
         Where the moves fail to mix the two passes move apart, the forward estimate low and
         the backward one usually higher: a check that needs no truth, not a bound
         (``log_volume_reverse``, ``passes_disagree``, ``meta["smc"]["reverse"]``). The
         interval's upper end reaches up to the backward passes' (``docs/accuracy.md``).
+        ``None`` (default): on without a ``budget``, off under one (a budget's evaluations
+        go to the forward particles). The forward estimate is the same either way.
 
     Returns
     -------
@@ -350,6 +352,13 @@ def estimate(
     smc = method is Method.SMC
     if budget is not None:
         budget = _check_positive("budget", budget, integer=True)
+    if bidirectional is None:
+        bidirectional = budget is None
+    elif not isinstance(bidirectional, bool):
+        raise ValueError(
+            f"bidirectional must be True, False or None (on without a budget), got "
+            f"{bidirectional!r}"
+        )
     if smc:
         replicas = _check_positive("replicas", replicas, integer=True)
         if n_moves is not None:

@@ -335,6 +335,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 DEMO_MOVES = 3  # moves per SMC level: half an hour on 2 cores (decorrelated moves: hours)
+# and no backward pass, which would double that
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -356,6 +357,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         n_moves=DEMO_MOVES,
+        bidirectional=False,
     )
     estimator = VolumeEstimator.from_config(cfg)
     how = (f"by SMC, {args.n_samples} particles x {cfg.replicas} replicas"

@@ -107,7 +107,7 @@ RESUME_FREE = frozenset(
     | {"preconditioner", "sigma", "optimizer", "optimizer_state", "fn", "compile"}
     | {"parameters", "device", "quiet", "output", "resume", "overwrite", "data", "output_dir"}
     | {"basin", "labels", "loss_fn"}  # through the data fingerprint, so old logs resume
-    | {"method", "budget", "replicas", "n_moves"}  # run logs hold importance sampling only
+    | {"method", "budget", "replicas", "n_moves", "bidirectional"}  # run logs: IS only
 )
 """Configuration fields and command-line entries that may change on resume: they do not
 change any direction's result beyond float rounding (the model, data, preconditioner and sigma
