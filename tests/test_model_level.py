@@ -271,9 +271,13 @@ def test_volume_config_method_smc_and_its_refusals():
     inputs = torch.randn(32, 4)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, n_samples=32,
-                          method="smc", replicas=2, progress=False)
+                          method="smc", replicas=2, n_moves=2, progress=False)
     res = bv.VolumeEstimator.from_config(cfg).run()
     assert res.method == "smc" and len(res.replicas) == 2
+    # without a budget the backward pass runs wherever SMC tempered
+    smc = res.meta["smc"]
+    assert res.meta["bidirectional"] is True and "tempered" in smc["kinds"]
+    assert [math.isfinite(v) for v in smc["reverse"]] == [k == "tempered" for k in smc["kinds"]]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="memory-light"):
         bv.VolumeEstimator.from_config(cfg.replace(low_memory=True)).run()
@@ -283,9 +287,9 @@ def test_volume_config_method_smc_and_its_refusals():
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=0)
     with pytest.raises(ValueError, match="bidirectional must be True, False or None"):
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, bidirectional=1)
-    both = bv.VolumeEstimator.from_config(
-        cfg.replace(n_samples=16, n_moves=1, bidirectional=True)).run()
-    assert both.meta["bidirectional"] is True and len(both.meta["smc"]["reverse"]) == 2
+    plain = bv.VolumeEstimator.from_config(
+        cfg.replace(n_samples=16, n_moves=1, bidirectional=False)).run()
+    assert plain.meta["bidirectional"] is False and math.isnan(plain.log_volume_reverse)
     with pytest.raises(ValueError, match="budget does not cap preconditioner_type='adaptive'"):
         bv.VolumeConfig(model=model, model_type="classifier", inputs=inputs, budget=1000,
                         preconditioner_type="adaptive")

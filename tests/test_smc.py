@@ -732,6 +732,7 @@ def test_gradients_steer_the_moves_of_estimate_and_are_counted():
     assert [len(m) for m in smc["moves"]] == [len(p) for p in smc["path"]]
     assert all(1 <= k <= smc_paths._MAX_MOVES for m in smc["moves"] for k in m)
     assert abs(steered.log_volume - truth) < 0.75
+    assert abs(steered.log_volume_reverse - truth) < 0.75  # the default's backward pass
     assert blind.meta["gradients"] == 0
     assert abs(blind.log_volume - truth) < 1.5
 
