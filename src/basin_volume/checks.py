@@ -55,6 +55,15 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> int | flo
     return value
 
 
+def check_bidirectional(value: Any) -> bool | None:
+    """``bidirectional`` as ``True``, ``False`` or ``None`` (on without a budget)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"bidirectional must be True, False or None (on without a budget), got {value!r}"
+        )
+    return value
+
+
 def check_rtol(value: Any) -> float:
     """``rtol`` as a float in ``(0, MAX_RTOL]``."""
     value = check_positive("rtol", value)

@@ -285,11 +285,7 @@ class VolumeConfig:
             checks.check_positive(name, getattr(self, name), integer=True)
         if self.n_moves is not None:
             checks.check_positive("n_moves", self.n_moves, integer=True)
-        if self.bidirectional is not None and not isinstance(self.bidirectional, bool):
-            raise ValueError(
-                f"bidirectional must be True, False or None (on without a budget), got "
-                f"{self.bidirectional!r}"
-            )
+        checks.check_bidirectional(self.bidirectional)
         object.__setattr__(
             self, "basin", check_basin_settings(self.basin, self.labels, self.loss_fn)
         )

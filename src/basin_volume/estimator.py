@@ -352,13 +352,8 @@ def estimate(
     smc = method is Method.SMC
     if budget is not None:
         budget = _check_positive("budget", budget, integer=True)
-    if bidirectional is None:
+    if checks.check_bidirectional(bidirectional) is None:
         bidirectional = budget is None
-    elif not isinstance(bidirectional, bool):
-        raise ValueError(
-            f"bidirectional must be True, False or None (on without a budget), got "
-            f"{bidirectional!r}"
-        )
     if smc:
         replicas = _check_positive("replicas", replicas, integer=True)
         if n_moves is not None:
