@@ -74,9 +74,8 @@ def _fit_to_budget(replica, spent, moved, *, budget: int, replicas: int, n_parti
     A run's cost grows with its particles a little faster than in proportion (a small run's
     effective sample sizes miss some of the weights' spread and it takes fewer levels), hence
     the share; where it still runs out, :func:`estimate_smc` pools the replicas that
-    finished. ``moved()`` counts the evaluations that grow with the particles
-    (``spent()`` also holds one-off costs such as the curvature proposal's, which the pilot
-    may pay).
+    finished. ``moved()`` counts the evaluations that grow with the particles (``spent()``
+    also holds one-off costs such as the curvature proposal's, which the pilot may pay).
     Returns the pilot run and the sizing record (``meta["budget_sizing"]``); raises
     :class:`BudgetTooSmall` when not even :data:`_PILOT` particles per replica fit.
     """
