@@ -10,7 +10,10 @@ Run ``python benchmarks/accuracy.py`` (the quick problems), ``--all`` for every 
 several seeds of the methods. ``--particles``, ``--replicas``, ``--moves`` set the SMC run and
 ``--is-samples`` the importance sampler's directions; ``--no-bidirectional`` leaves out SMC's
 walk back along tempering's levels (on by default without ``--budget``, as in the library),
-whose estimate is printed as "backward" (the interval reaches up to it). ``--methods`` takes
+whose estimate is printed as "backward" (the interval reaches up to it). A row ends with the
+checks that warned about it (``warned: stuck,spread,passes,floor,ess``: see
+``VolumeResult.warn_if_unreliable``), and the tally counts the misses none warned about.
+``--methods`` takes
 ``smc``, ``is`` and
 ``smc-cooling`` (SMC without the curvature proposal, a second method to compare with where
 no truth is known).
@@ -68,7 +71,13 @@ def run(problem, method: str, seed: int, args) -> dict:
         estimate=res.log_volume, lo=lo, hi=hi, covered=covered, error=err, evals=evals,
         seconds=time.perf_counter() - started,
         reverse=res.log_volume_reverse if method.startswith("smc") else math.nan,
+        warned=[flag for flag, on in WARNINGS.items() if getattr(res, on)],
     )
+
+
+# the result's checks that warn (VolumeResult.warn_if_unreliable), as printed
+WARNINGS = {"stuck": "moves_stuck", "spread": "replicas_disagree", "passes": "passes_disagree",
+            "floor": "below_importance", "ess": "low_ess"}
 
 
 def main(argv=None) -> None:
@@ -100,7 +109,7 @@ def main(argv=None) -> None:
             f"{'95% interval':>26} {'cover':>5} {'error':>9} {'evals':>9} {'s':>6}")
     print(head)
     print("-" * len(head))
-    covered, total = 0, 0
+    covered, total, silent = 0, 0, 0
     for name in names:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             problem = problems.get(name)
@@ -113,10 +122,14 @@ def main(argv=None) -> None:
                       f"[{r['lo']:11.4f}, {r['hi']:11.4f}] {cov:>5} {r['error']:9.3f} "
                       f"{r['evals']:9d} {r['seconds']:6.1f}"
                       + (f"  backward {r['reverse']:.4f}" if math.isfinite(r["reverse"])
-                         else ""),
+                         else "")
+                      + (f"  warned: {','.join(r['warned'])}" if r["warned"] else ""),
                       flush=True)
+                if method.startswith("smc") and r["covered"] is False and not r["warned"]:
+                    silent += 1
     if total:
-        print(f"\nSMC intervals covering the truth: {covered} of {total}")
+        print(f"\nSMC intervals covering the truth: {covered} of {total}; "
+              f"missed without a warning: {silent}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ __all__ = ["DirectionRecord", "LowESSWarning", "ResultFileError", "VolumeResult"
 
 LOW_ESS = 5.0
 SMC_SPREAD = 2.0  # nats: replicas of a converged SMC run agree better than this
+STUCK_CORRELATION = 0.9  # an SMC level's moves that leave more than this left it unmixed
+STUCK_SHARE = 0.25  # share of unmixed levels above which the moves are said to be stuck
 
 
 class LowESSWarning(RuntimeWarning):
@@ -294,6 +296,27 @@ class VolumeResult:
             return self.interval(0.95)[1] < floor
 
     @property
+    def stuck_levels(self) -> tuple[int, int]:
+        """``(unmixed, all)``: how many of an SMC result's levels (every replica's) ended
+        with their particles correlated above :data:`STUCK_CORRELATION` with where the level
+        found them (``meta["smc"]["correlation"]``, :attr:`basin_volume.smc.SMCRun.correlation`);
+        ``(0, 0)`` for other results and those saved before it was recorded."""
+        if self.method != "smc":
+            return 0, 0
+        levels = [c for run in (self.meta.get("smc") or {}).get("correlation") or [] for c in run]
+        return sum(c > STUCK_CORRELATION for c in levels), len(levels)
+
+    @property
+    def moves_stuck(self) -> bool:
+        """Whether over :data:`STUCK_SHARE` of an SMC result's levels ended unmixed
+        (:attr:`stuck_levels`): the moves hardly moved the particles, so copies of one
+        parent still agreed when the next level reweighted them, and the estimate is likely
+        low, its interval too narrow (the replicas can agree on a wrong number). Said by
+        :meth:`summary`, warned by :meth:`warn_if_unreliable`."""
+        unmixed, levels = self.stuck_levels
+        return levels > 0 and unmixed > STUCK_SHARE * levels
+
+    @property
     def n_failed(self) -> int:
         """Directions whose radius search did not converge."""
         return sum(s != "converged" for s in self.status)
@@ -415,6 +438,12 @@ class VolumeResult:
                     LowESSWarning,
                     stacklevel=stacklevel,
                 )
+            if self.moves_stuck:
+                warn_every_time(
+                    f"log_volume {self.log_volume:.6g}: {self._stuck_text()}",
+                    LowESSWarning,
+                    stacklevel=stacklevel,
+                )
             return
         if self.low_ess:
             warn_every_time(
@@ -433,6 +462,15 @@ class VolumeResult:
             f"{self.log_volume_reverse - self.log_volume:.3g} nats above the forward ones: the "
             "moves did not mix, so the estimate is likely low and the truth likely between "
             "the two (the interval spans both); raise n_samples or n_moves"
+        )
+
+    def _stuck_text(self) -> str:
+        unmixed, levels = self.stuck_levels
+        return (
+            f"the moves left {unmixed} of {levels} SMC levels unmixed (the particles still "
+            f"correlated above {STUCK_CORRELATION:g} with where the level found them), so the "
+            "estimate is likely low and its interval too narrow; leave n_moves=None (moves "
+            "until the particles decorrelate), or raise the budget"
         )
 
     def _below_importance_text(self) -> str:
@@ -474,6 +512,8 @@ class VolumeResult:
                 )
             if self.passes_disagree:
                 lines.append(f"warning: {self._passes_text()}")
+            if self.moves_stuck:
+                lines.append(f"warning: {self._stuck_text()}")
         else:
             lines.append(
                 f"directions: {self.n_samples}, ESS {self.ess:.3g}, top weight share "

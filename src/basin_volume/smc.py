@@ -276,7 +276,7 @@ def smc_sampler(
     log_z = _log_mean_exp(log_w)
     keep = _systematic(log_w, gen)
     omega, r, slope, c = omega[keep], r[keep], slope[keep], c[keep]
-    levels, acceptance, moves, rho = [], [], [], {"fitted": 0.5}
+    levels, acceptance, moves, correlation, rho = [], [], [], [], {"fitted": 0.5}
     state = _State(omega, r, slope, path.log_mass(a, r, c), family=keep)
     while a != path.end:
         c = state.omega @ theta0
@@ -288,15 +288,17 @@ def smc_sampler(
         state = dataclasses.replace(state, log_p=log_i_next).resampled(_systematic(inc, gen))
         a = a_next
         levels.append(a)
-        state, rate, made = yield from _mix(state, n_moves, lambda move, st, a=a: _move(
+        state, rate, made, left = yield from _mix(state, n_moves, lambda move, st, a=a: _move(
             1, None, st, lambda rr, oo: path.log_mass(a, rr, oo @ theta0),
             weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
             gradients=gradients, a=a, dense=dense,
         ))
         acceptance.append(rate)
         moves.append(made)
+        correlation.append(left)
     return SMCRun(log_z, "smc", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  state.r, state.log_p, tuple(importance), tuple(moves))
+                  state.r, state.log_p, tuple(importance), tuple(moves),
+                  correlation=tuple(correlation))
 
 
 def _next_level(path: _Path, a: float, r, c, log_i, target: float) -> float:

@@ -92,6 +92,12 @@ class SMCRun:
         ``bidirectional`` tempering: the estimate of :math:`\\log\\mu(K)` from walking the
         final particles back to the proposal (:func:`basin_volume.smc_paths._tempered`);
         ``nan`` otherwise.
+    correlation : tuple of float
+        At each level, the correlation its moves left between the particles and where the
+        level found them (the largest, across particles, of the log target's and of the
+        projections on the start's leading principal directions:
+        :func:`basin_volume.smc_paths._mix`). Near 1, the moves hardly moved the particles:
+        copies of one parent still agree, and the next reweighting counts them as independent.
     """
 
     log_z: float
@@ -105,6 +111,7 @@ class SMCRun:
     importance: tuple[float, ...] = ()
     moves: tuple[int, ...] = ()
     log_z_reverse: float = math.nan
+    correlation: tuple[float, ...] = ()
 
 
 def _log_j(r: torch.Tensor, n: int, a: float, b: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
     state = _State(omega, radii.radius, radii.slope, ell + q.log_density(omega))
     log_z, beta = 0.0, 0.0
     rho = {"proposal": 0.5, "fitted": 0.5}
-    levels, acceptance, moves = [], [], []
+    levels, acceptance, moves, correlation = [], [], [], []
     if not bool(torch.isfinite(ell).any()):
         return SMCRun(-math.inf, "smc", 0, ess_start, (), (), state.r, ell)
 
@@ -129,10 +129,11 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         state = state.resampled(base._systematic(inc, gen))
         beta = beta_next
         levels.append(beta)
-        state, rate, made = yield from mixed(state, beta)
+        state, rate, made, left = yield from mixed(state, beta)
         ell = state.log_p - q.log_density(state.omega)
         acceptance.append(rate)
         moves.append(made)
+        correlation.append(left)
     final = state
     log_z_reverse = math.nan
     if reverse:
@@ -148,7 +149,7 @@ def _tempered(q: ProjectedNormal, x, radii: Radii, ell, theta0, path: _Path, *, 
         log_z_reverse = -log_inverse
     return SMCRun(log_z, "tempered", len(levels), ess_start, tuple(levels), tuple(acceptance),
                   final.r, final.log_p - log_sphere_area(d), moves=tuple(moves),
-                  log_z_reverse=log_z_reverse)
+                  log_z_reverse=log_z_reverse, correlation=tuple(correlation))
 
 
 def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n_moves: int | None,
@@ -187,15 +188,18 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     ell = log_p - prior.log_density(omega)
     log_z = base._log_mean_exp(ell)
     state = _State(omega, found.radius, found.slope, log_p).resampled(base._systematic(ell, gen))
-    levels, acceptance, moves, rho = [level], [], [], {"proposal": 0.5, "fitted": 0.5}
+    levels, acceptance, moves, correlation = [level], [], [], []
+    rho = {"proposal": 0.5, "fitted": 0.5}
     while True:
-        state, rate, made = yield from _mix(state, n_moves, lambda move, st, level=level: _move(
-            move, prior, st, lambda rr, oo: log_target(rr, oo @ theta0),
-            weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
-            gradients=False, level=level,
-        ))
+        state, rate, made, left = yield from _mix(
+            state, n_moves, lambda move, st, level=level: _move(
+                move, prior, st, lambda rr, oo: log_target(rr, oo @ theta0),
+                weight=(1.0, 0.0), rho=rho, path=path, theta0=theta0, gen=gen,
+                gradients=False, level=level,
+            ))
         acceptance.append(rate)
         moves.append(made)
+        correlation.append(left)
         if level == 1.0:
             break
         omega, r, slope = state.omega, state.r, state.slope
@@ -211,7 +215,8 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         level = nxt
         levels.append(level)
     return SMCRun(log_z, "annealed", len(levels), ess_start, tuple(levels), tuple(acceptance),
-                  r, log_p - log_sphere_area(d), moves=tuple(moves))
+                  r, log_p - log_sphere_area(d), moves=tuple(moves),
+                  correlation=tuple(correlation))
 
 
 def _predicted(r: torch.Tensor, slope: torch.Tensor, factor: float) -> torch.Tensor:
@@ -243,16 +248,18 @@ def _mix(state: _State, n_moves: int | None, move):
     level is: where the moves are short, particles would still sit near their parents, copies
     of one parent would stay alike, and the next reweighting would count them as independent,
     which biases :math:`\log\hat Z` down.
-    Returns the state, the mean acceptance rate and the number of moves.
+    Returns the state, the mean acceptance rate, the number of moves and the correlation
+    left after them (:attr:`~basin_volume.smc_base.SMCRun.correlation`).
     """
     start, axes = _statistics(state, None)
     rates = []
     for k in range(_MAX_MOVES if n_moves is None else n_moves):
         state, rate = yield from move(k, state)
         rates.append(rate)
-        if n_moves is None and _correlation(start, _statistics(state, axes)[0]) < _DECORRELATED:
+        left = _correlation(start, _statistics(state, axes)[0])
+        if n_moves is None and left < _DECORRELATED:
             break
-    return state, sum(rates) / len(rates), len(rates)
+    return state, sum(rates) / len(rates), len(rates), left
 
 
 def _statistics(state: _State, axes: torch.Tensor | None):
