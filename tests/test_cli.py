@@ -324,6 +324,10 @@ def test_estimate_method_smc_saves_an_smc_result_and_refuses_resume(tmp_path, ca
     assert math.isclose(res.log_volume, math.log(8 * math.pi**2 / 15), abs_tol=1e-6)
     code, _, err = cli(command + " --resume", capsys, m=m, o=out)
     assert code == 2 and "--resume" in err
+    assert res.meta["bidirectional"] is True  # the default without --budget
+    one_way = tmp_path / "one-way.json"
+    assert cli(command + " --no-bidirectional", capsys, m=m, o=one_way)[0] == 0
+    assert VolumeResult.load(one_way).meta["bidirectional"] is False
     out2 = tmp_path / "clf.json"
     command = "estimate --model {m}:classifier --method smc --budget 200000 -n 32 -q -o {o}"
     assert cli(command, capsys, m=m, o=out2)[0] == 0

@@ -88,7 +88,8 @@ def _preconditioner_fields(args, loaded: LoadedModel) -> dict:
 _ESTIMATION_DEFAULTS = {
     f.name: str(f.default) if isinstance(f.default, enum.Enum) else f.default
     for f in dataclasses.fields(VolumeConfig)
-    if f.name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed", "method", "budget")
+    if f.name in ("n_samples", "cutoff", "measure", "sigma", "rtol", "seed", "method", "budget",
+                  "bidirectional")
 }
 """The estimation settings the command line leaves unset: :class:`VolumeConfig`'s defaults."""
 
@@ -213,7 +214,7 @@ def _option_for(message: str) -> str:
         return "--parameters"
     field = message.split(" ", 1)[0]
     options = ("n_samples", "cutoff", "sigma", "rtol", "seed", "measure", "data_batch_size",
-               "method", "budget")
+               "method", "budget", "bidirectional")
     return "--" + field.replace("_", "-") if field in options else "--model-type"
 
 

@@ -205,6 +205,14 @@ def _add_estimation_options(p: argparse.ArgumentParser, *, scan: bool = False) -
         "sampling where not even 16 fit; is: the directions stop once it is spent",
     )
     g.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="smc: walk each replica's particles back along tempering's levels too, a check "
+        "that its moves mixed that about doubles tempering's cost (default: on without "
+        "--budget, off under one)",
+    )
+    g.add_argument(
         "--parameters",
         type=_parameters,
         help="which parameters are the basin's coordinates: trainable (default: those with "
