@@ -324,7 +324,10 @@ def estimate(
     Warns
     -----
     LowESSWarning
-        When a few directions carry almost all of the importance weight.
+        When a few directions carry almost all of the importance weight; for SMC, when its
+        replicas disagree, its backward passes lie far above it, its interval lies below the
+        importance floor, or its moves left most levels unmixed
+        (:meth:`VolumeResult.warn_if_unreliable`).
     RadiusSearchWarning
         When some directions' radius searches did not converge, naming them and why (a
         direction whose basin is narrower than the centre's float resolution is
