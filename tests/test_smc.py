@@ -739,7 +739,8 @@ def test_gradients_steer_the_moves_of_estimate_and_are_counted():
 
 def _mixed(n_moves, move):
     """Drive :func:`basin_volume.smc_paths._mix` with ``move(state) -> state`` (no requests);
-    returns the final state, the mean rate and the number of moves made."""
+    returns the final state, the mean rate, the number of moves made and the correlation
+    they left."""
     from basin_volume.smc_paths import _mix, _State
 
     g = torch.Generator().manual_seed(3)
