@@ -4,7 +4,6 @@ when they leave most levels unmixed (``VolumeResult.moves_stuck``)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -20,28 +19,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import problems  # noqa: E402
 
-from test_smc import _drive, _mixed, _rotated_ellipsoid_and_a_wrong_proposal  # noqa: E402
+from test_smc import (  # noqa: E402
+    _drive,
+    _mixed,
+    _movers,
+    _rotated_ellipsoid_and_a_wrong_proposal,
+)
 
 
 def test_the_correlation_left_is_that_of_the_moves_made():
     """Particles that never move keep a correlation of 1 with the level's start, fresh
     independent ones about 0, and five steps of a drift with correlation 0.9 per step leave
     0.9^5 (4,000 particles: sample correlations within 0.05)."""
-    from basin_volume.smc_paths import _State
-
-    g = torch.Generator().manual_seed(4)
-
-    def fresh(st):
-        n, d = st.omega.shape
-        return _State(torch.nn.functional.normalize(torch.randn(n, d, generator=g,
-                                                                dtype=torch.float64)),
-                      st.r, st.slope, torch.randn(n, generator=g, dtype=torch.float64))
-
-    def drift(st):
-        z = torch.randn(st.log_p.shape, generator=g, dtype=torch.float64)
-        return dataclasses.replace(st, log_p=0.9 * st.log_p + math.sqrt(1 - 0.81) * z,
-                                   omega=fresh(st).omega)
-
+    fresh, drift = _movers(4)
     assert _mixed(3, lambda st: st)[3] == pytest.approx(1.0)
     assert abs(_mixed(3, fresh)[3]) < 0.05
     assert _mixed(5, drift)[3] == pytest.approx(0.9**5, abs=0.05)

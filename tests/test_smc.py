@@ -764,13 +764,13 @@ def _mixed(n_moves, move):
     raise AssertionError("_mix asked for something although the moves ask for nothing")
 
 
-def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
-    """n_moves=None: fresh independent particles stop the level after one move, particles
-    that never move run to the cap, and a slow drift (correlation 0.9 per move) stops at the
-    first move whose correlation with the start is below 0.1 (0.9^k < 0.1: k = 22)."""
+def _movers(seed: int):
+    """Two moves for :func:`_mixed`, drawing from one generator: ``fresh`` (independent new
+    particles) and ``drift`` (an AR(1) step of the log target, correlation 0.9 with the last,
+    with fresh directions)."""
     from basin_volume.smc_paths import _State
 
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed)
 
     def fresh(st):
         n, d = st.omega.shape
@@ -778,15 +778,22 @@ def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
                                                                 dtype=torch.float64)),
                       st.r, st.slope, torch.randn(n, generator=g, dtype=torch.float64))
 
-    assert _mixed(None, fresh)[2] == 1
-    assert _mixed(None, lambda st: st)[2] == smc_paths._MAX_MOVES
-    assert _mixed(5, fresh)[2] == 5  # a fixed count is kept whatever happens
-
-    def drift(st):  # an AR(1) step of the log target, correlation 0.9 with the last
+    def drift(st):
         z = torch.randn(st.log_p.shape, generator=g, dtype=torch.float64)
         return dataclasses.replace(st, log_p=0.9 * st.log_p + math.sqrt(1 - 0.81) * z,
                                    omega=fresh(st).omega)
 
+    return fresh, drift
+
+
+def test_adaptive_moves_stop_when_the_particles_have_decorrelated():
+    """n_moves=None: fresh independent particles stop the level after one move, particles
+    that never move run to the cap, and a slow drift (correlation 0.9 per move) stops at the
+    first move whose correlation with the start is below 0.1 (0.9^k < 0.1: k = 22)."""
+    fresh, drift = _movers(4)
+    assert _mixed(None, fresh)[2] == 1
+    assert _mixed(None, lambda st: st)[2] == smc_paths._MAX_MOVES
+    assert _mixed(5, fresh)[2] == 5  # a fixed count is kept whatever happens
     made = _mixed(None, drift)[2]
     expected = math.ceil(math.log(smc_paths._DECORRELATED) / math.log(0.9))
     assert abs(made - expected) <= 3, (made, expected)
