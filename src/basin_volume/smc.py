@@ -8,10 +8,12 @@ what cheap first looks at the basin show:
 
 1. **Prior rays** (Gaussian measure). A ray's weight is the prior mass of that ray inside the
    basin, in [0, 1], so with :math:`P` the basin's probability the relative standard error
-   of :math:`n` of them is at most :math:`1/\sqrt{nP}`. A pilot (a quarter of a batch)
-   estimates :math:`P`; if at most :data:`_MAX_RAY_BATCHES` batches bring that bound to
-   :data:`_BOUNDED_RSE`, they are drawn afresh and their mean is the answer (exact for a basin
-   that is the whole space).
+   of :math:`m` of them is at most :math:`1/\sqrt{mP}`. A pilot (a quarter of a batch)
+   estimates :math:`P`; if at most :data:`_MAX_RAY_BATCHES` batches of rays bring that bound
+   to :data:`_BOUNDED_RSE`, as many rays as do are drawn afresh and their mean is the answer
+   (exact for a basin that is the whole space). A ray's search starts at the drawn point's
+   distance, so the heaviest rays' segments are checked for an earlier crossing
+   (``RadiusRequest.weights``).
 2. **An informed proposal** (the Hessian's, :mod:`basin_volume.curvature`, or the user's
    diagonal preconditioner): importance sampling from it when its ESS is at least half the
    particles (exact for a quadratic basin).
@@ -102,7 +104,7 @@ from .smc_paths import _annealed, _mix, _move, _State, _tempered
 __all__ = ["GradientRequest", "Radii", "RadiusRequest", "SMCRun", "smc_sampler"]
 
 _START_ESS = 0.9  # ESS fraction required of the cooling path's first weighting
-_MAX_RAY_BATCHES = 8  # batches of prior rays drawn at most after the pilot
+_MAX_RAY_BATCHES = 8  # batches of prior rays (of n_particles) drawn at most after the pilot
 _MIN_PILOT = 16  # prior rays in the pilot at least (else a quarter of the particles)
 _BOUNDED_RSE = 0.1  # relative standard error of bounded weights' mean that settles a run
 _ANNEAL_FROM = -25.0  # log estimate above which the cutoff is annealed (about 36 levels)
@@ -176,44 +178,50 @@ def smc_sampler(
     def normals(k: int) -> torch.Tensor:
         return torch.randn(k, d, generator=gen, dtype=torch.float64)
 
-    def weigh(q: ProjectedNormal, k: int = n):
+    def weigh(q: ProjectedNormal, k: int = n, check: bool = True):
         """k draws of q with their radii and log importance weights (log pi - log q).
 
         Each search starts at the drawn point's own distance: for a prior ray, whether the
-        basin reaches the prior's draw is what its weight mostly turns on."""
+        basin reaches the prior's draw is what its weight mostly turns on. Such a search sees
+        only the neighbourhood of the draw, and a ray that left the basin closer in and came
+        back would count its mass up to a later crossing: with ``check``, the heaviest rays'
+        segments are checked (``RadiusRequest.weights``)."""
         x = q.sample(normals(k))
         omega = _unit(x)
         guess = torch.linalg.vector_norm(x, dim=1)
-        radii = yield RadiusRequest(omega, guess, torch.full((k,), math.nan))
-        ell = log_sphere_area(d) + path.log_mass(path.end, radii.radius, omega @ theta0)
-        return x, radii, ell - q.log_density(omega)
+        offset = log_sphere_area(d) - q.log_density(omega)
+        radii = yield RadiusRequest(omega, guess, torch.full((k,), math.nan),
+                                    weights=offset if check else None)
+        return x, radii, path.log_mass(path.end, radii.radius, omega @ theta0) + offset
+
+    def probe():
+        """Isotropic directions (importance sampling's classic proposal), a quarter of a
+        batch, for the importance floor alone; drawn from their own generator, so that they
+        leave the path's draws as they were."""
+        k = max(_MIN_PILOT, n // 4)
+        gen_probe = torch.Generator().manual_seed((seed + 1) % 2**63)
+        omega = _unit(torch.randn(k, d, generator=gen_probe, dtype=torch.float64))
+        radii = yield RadiusRequest(omega, torch.full((k,), math.nan), torch.full((k,), math.nan))
+        return _log_mean_exp(log_sphere_area(d) + path.log_mass(path.end, radii.radius,
+                                                                omega @ theta0))
 
     ess_start = math.nan
     importance = []  # plain importance-sampling estimates on the way (SMCRun.importance)
-    # Isotropic directions (importance sampling's classic proposal), a quarter of a batch, for
-    # the importance floor alone; drawn from their own generator, so that they leave the
-    # path's draws as they were.
-    k = max(_MIN_PILOT, n // 4)
-    probe = _unit(torch.randn(k, d, generator=torch.Generator().manual_seed((seed + 1) % 2**63),
-                              dtype=torch.float64))
-    radii = yield RadiusRequest(probe, torch.full((k,), math.nan), torch.full((k,), math.nan))
-    log_w = log_sphere_area(d) + path.log_mass(path.end, radii.radius, probe @ theta0)
-    importance.append(_log_mean_exp(log_w))
     if sigma is not None:
         # Prior rays first. Their weights w lie in [0, 1], so Var w <= E w = P and the relative
-        # standard error of a mean of n of them is at most 1/sqrt(nP): a pilot batch's estimate
-        # of P tells how many batches settle it to _BOUNDED_RSE. (The pilot's own sample
-        # error is no guide: it misses the rare large weights of a small basin.) The batches
-        # are drawn afresh, so that their number does not depend on them; the pilot, which
-        # only sizes them, is a quarter of a batch.
+        # standard error of a mean of m of them is at most 1/sqrt(mP): a pilot's estimate of
+        # P tells how many rays settle it to _BOUNDED_RSE. (The pilot's own sample error is no
+        # guide: it misses the rare large weights of a small basin.) The rays are drawn
+        # afresh, in batches of at most n, so that their number does not depend on them; the
+        # pilot, which only sizes them, is a quarter of a batch, and its rays go unchecked.
         prior = ProjectedNormal(torch.full((d,), sigma**2, dtype=torch.float64), -theta0)
-        x, radii, ell = yield from weigh(prior, max(_MIN_PILOT, n // 4))
+        x, radii, ell = yield from weigh(prior, max(_MIN_PILOT, n // 4), check=False)
         p_hat = math.exp(_log_mean_exp(ell))
-        need = math.ceil(1.0 / (n * p_hat * _BOUNDED_RSE**2)) if p_hat > 0 else math.inf
-        if need <= _MAX_RAY_BATCHES:
+        need = math.ceil(1.0 / (p_hat * _BOUNDED_RSE**2)) if p_hat > 0 else math.inf
+        if need <= _MAX_RAY_BATCHES * n:
             log_w, r = [], []
-            for _ in range(need):
-                _, found, new = yield from weigh(prior)
+            for first in range(0, need, n):
+                _, found, new = yield from weigh(prior, min(n, need - first))
                 log_w.append(new)
                 r.append(found.radius)
             log_w, r = torch.cat(log_w), torch.cat(r)
@@ -232,6 +240,7 @@ def smc_sampler(
             return SMCRun(_log_mean_exp(ell_s), "is", 0, ess_start, (), (), radii_s.radius, ell_s)
         reach = _log_mean_exp(ell_s)
         importance.append(reach)
+    importance.insert(0, (yield from probe()))
     if sigma is not None and max(pilot, reach) > _ANNEAL_FROM:
         # The basin holds a part of the prior that annealing the cutoff reaches in a few tens
         # of levels: the path that needs no proposal to be right. It starts from N prior rays.

@@ -34,6 +34,11 @@ class RadiusRequest:
     # sees only the neighbourhood of a crossing. A move prefers rays whose radius came out too
     # long, so a missed first crossing biases the estimate upwards.
     check: bool = False
+    # Per-ray log-weight offsets: a ray's importance weight is log_mass(omega, radius) plus
+    # its offset. The rays are then checked as with ``check``, heaviest first, until those
+    # left unchecked hold at most a small share of the weight (a prior ray's search, which
+    # starts at the drawn point's distance, sees only the neighbourhood of a crossing too).
+    weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

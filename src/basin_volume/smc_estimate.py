@@ -46,6 +46,7 @@ _GOLDEN_STEPS = 8
 _BISECTIONS = 40
 _SUBDIVIDE = 3  # halvings of a flat stretch of the segment near the cutoff
 _RADIUS_NATS = 0.01  # a crossing is placed to this much of its ray's log-mass
+_UNCHECKED_SHARE = 0.05  # of a batch's importance weight, left to rays not checked
 _POLISH_ROUNDS = 8
 _PILOT = 16  # particles of the run that measures a replica's cost under a budget
 _BUDGET_SHARE = 0.7  # of the budget left after the pilot, planned for the replicas
@@ -128,16 +129,20 @@ def search_radii(
     batch_size: int,
     check: bool = False,
     log_mass: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> dict:
     r"""Radius searches for every row of ``omegas`` in lockstep.
 
     The pending radii are evaluated through ``rays`` (:meth:`DenseRays.values_at_many`),
     ``batch_size`` points per call. With ``check`` every converged ray's segment is checked
     for an earlier crossing (:func:`_first_crossings`), else only those :func:`_unchecked`
-    flags; then every converged crossing is probed from both sides until its log-log root is
-    sure to :data:`_RADIUS_NATS` of the ray's log-mass (:func:`_polish`), and it is the radius
-    returned. With ``check`` flat stretches near the cutoff are also subdivided (moves seek
-    out long radii). ``log_mass(omegas, t)`` is the log of
+    flags and, with ``weights`` (per-ray offsets of the log importance weight
+    :math:`\log w = \mathrm{log\_mass}(\omega, r) + \text{offset}`), those
+    :func:`_heaviest` picks; then every converged crossing is probed from both sides until
+    its log-log root is sure to :data:`_RADIUS_NATS` of the ray's log-mass (:func:`_polish`),
+    and it is the radius returned. With ``check`` or ``weights`` flat stretches near the
+    cutoff are also subdivided (moves seek out long radii, and the heaviest rays are the long
+    ones). ``log_mass(omegas, t)`` is the log of
     each ray's mass up to ``t`` (up to a constant per ray; default Lebesgue,
     :math:`D\log t`): the evaluations go where the mass is. Returns a dict of per-direction
     tensors: ``radius`` (where delta equals the cutoff; ``inf`` if unbounded), ``slope``,
@@ -187,14 +192,17 @@ def search_radii(
         for k, res in enumerate(results)
     ]
     n_evals = [r.n_evals for r in results]
+    heavy = set() if weights is None else _heaviest(
+        log_mass(omegas, torch.tensor(radius, dtype=torch.float64)) + weights)
     suspect = [
         k for k, res in enumerate(results)
-        if res.status == RayStatus.CONVERGED and (check or _unchecked(history[k], res.radius))
+        if res.status == RayStatus.CONVERGED
+        and (check or k in heavy or _unchecked(history[k], res.radius))
     ]
     if suspect:
         found = _first_crossings(rays, {k: radius[k] for k in suspect}, history, f0=f0,
-                                 cutoff=cutoff, rtol=rtol, mass=mass if check else None,
-                                 batch_size=batch_size)
+                                 cutoff=cutoff, rtol=rtol,
+                                 mass=mass if check or heavy else None, batch_size=batch_size)
         for k, (r, spent) in found.items():
             radius[k] = r
             n_evals[k] += spent
@@ -398,6 +406,23 @@ def _root(history: list[tuple[float, float]], cutoff: float) -> float:
     return math.exp(x if t_out is None else min(x, math.log(t_out)))
 
 
+def _heaviest(log_w: torch.Tensor) -> set[int]:
+    r"""The rays, heaviest first, that leave at most :data:`_UNCHECKED_SHARE` of the total
+    weight :math:`\sum_k e^{\log w_k}` to the others.
+
+    A missed earlier crossing can only lower a ray's weight, so whatever the unchecked rays
+    miss lowers the estimate by at most :math:`-\log(1 - s)` nats, :math:`s` the share;
+    and only the few rays whose :math:`\delta` has a bump miss anything."""
+    log_w = torch.nan_to_num(log_w, nan=-math.inf)
+    if not torch.isfinite(log_w).any():
+        return set()
+    order = torch.argsort(log_w, descending=True)
+    share = torch.softmax(log_w[order], 0)
+    left = 1.0 - torch.cumsum(share, 0)  # weight outside the first i + 1 rays
+    n = int((left > _UNCHECKED_SHARE).sum()) + 1
+    return set(order[:n].tolist())
+
+
 def _flat_stretches(history: list[tuple[float, float]], radius: float, cutoff: float):
     """Intervals between consecutive evaluated points below ``radius`` (its crossing counted
     as a point at the cutoff) that come within :data:`_GRAZE` of the cutoff and along which
@@ -516,6 +541,7 @@ def estimate_smc(
                     cutoff=cutoff * request.level,
                     rtol=rtol, max_radius=max_radius, max_evals=max_evals,
                     batch_size=batch_size, check=request.check, log_mass=log_mass,
+                    weights=request.weights,
                 )
                 searched += int(found["n_evals"].sum())
                 for st in found["status"]:
