@@ -916,3 +916,55 @@ def test_a_bump_in_a_flat_stretch_is_found(bump):
     found = _flat_search(lambda r: plateau(r, math.exp), lambda r: plateau(r, torch.exp),
                          rtol=1e-3, guess=0.05)
     assert found["radius"].tolist() == pytest.approx([first] * 4, rel=1e-4)
+
+
+def test_the_heaviest_rays_are_checked_for_an_earlier_exit():
+    """Prior rays' searches start at the drawn point's distance (here 2.0, next to the
+    crossing at 2.2) and see only its neighbourhood. delta has a bump over the cutoff at
+    rho = 1 on the plateau of the test above. Given per-ray weight offsets, the rays that
+    hold all but 5% of the weight must come back with the bump's first crossing; the light
+    ones, whose error could move the estimate by at most that share, are left as searched."""
+    import scipy.optimize
+
+    from basin_volume.rays import DenseRays
+    from basin_volume.smc_estimate import search_radii
+
+    def plateau(r, exp):
+        return (0.95 * (1 - exp(-((r / 0.1) ** 2))) + 0.2 * exp(-(((r - 1.0) / 0.02) ** 2))
+                + (r / 2.2) ** 8)
+
+    def fn(th):
+        return plateau(torch.linalg.vector_norm(th), torch.exp)
+
+    first = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, 0.9, 1.0)
+    later = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, 1.5, 2.5)
+    d = 5
+    om = torch.nn.functional.normalize(
+        torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    rays = DenseRays(fn, torch.zeros(d, dtype=torch.float64), seed=0, preconditioner=None,
+                     batch_fn=torch.func.vmap(fn))
+    found = search_radii(rays, om, torch.full((4,), 2.0), torch.full((4,), math.nan),
+                         f0=0.0, cutoff=1.0, rtol=1e-3, max_radius=100.0, max_evals=60,
+                         batch_size=8, weights=torch.tensor([0.0, -50.0, 0.0, -50.0],
+                                                            dtype=torch.float64))
+    assert found["radius"].tolist() == pytest.approx([first, later, first, later], rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_heaviest_leaves_at_most_the_share_unchecked(seed):
+    """_heaviest picks the fewest rays, heaviest first, that leave at most _UNCHECKED_SHARE
+    of the weight to the rest: counted here by adding up sorted weights one at a time."""
+    from basin_volume.smc_estimate import _UNCHECKED_SHARE, _heaviest
+
+    g = torch.Generator().manual_seed(seed)
+    log_w = 3.0 * torch.randn(200, generator=g, dtype=torch.float64)
+    log_w[:20] = -math.inf  # rays of radius 0
+    w = sorted(math.exp(v) for v in log_w.tolist())[::-1]
+    total, kept, n = sum(w), 0.0, 0
+    while (total - kept) / total > _UNCHECKED_SHARE:
+        kept += w[n]
+        n += 1
+    picked = _heaviest(log_w)
+    assert len(picked) == n
+    assert min(log_w[sorted(picked)].tolist()) >= max(
+        (v for i, v in enumerate(log_w.tolist()) if i not in picked), default=-math.inf)
