@@ -166,8 +166,9 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
     smallest power of 4 at which the prior rays' weights have an ESS of half the particles;
     each next level is chosen so that the ESS of the incremental weights *predicted* from
     each ray's log-log slope is half the particles, then the radii there are searched (from
-    the predicted ones). The moves are those of :func:`_tempered`, with the prior's normal law
-    as the first reference.
+    the predicted ones). The first level's searches start next to the crossings, so the
+    heaviest rays there are checked for an earlier exit (``RadiusRequest.weights``). The
+    moves are those of :func:`_tempered`, with the prior's normal law as the first reference.
     """
     n, d = x.shape
     omega = base._unit(x)
@@ -177,10 +178,11 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         return log_sphere_area(d) + path.log_mass(path.end, r, cc)
 
     level = 1.0
+    offset = log_sphere_area(d) - prior.log_density(omega)  # log w = log mass + offset
     while True:
         level *= 4.0
         guess = _predicted(radii.radius, radii.slope, 4.0)
-        found = yield RadiusRequest(omega, guess, radii.slope, level=level)
+        found = yield RadiusRequest(omega, guess, radii.slope, level=level, weights=offset)
         log_p = log_target(found.radius, c)
         if base._ess(log_p - prior.log_density(omega)) >= ess_target * n or level >= _MAX_LEVEL:
             break
