@@ -900,6 +900,13 @@ def test_a_flat_crossing_is_placed_to_a_hundredth_of_a_nat(guess):
     assert d * float(found["radius"].log().abs().max()) <= 0.01
 
 
+def _plateau(r, exp, bump):
+    """delta flat at 0.95 of the cutoff 1 from r = 0.3 on, a bump over it of width 0.02 at
+    ``bump``, then growing past it (crossing near 2.2)."""
+    return (0.95 * (1 - exp(-((r / 0.1) ** 2))) + 0.2 * exp(-(((r - bump) / 0.02) ** 2))
+            + (r / 2.2) ** 8)
+
+
 @pytest.mark.parametrize("bump", [0.9, 1.1])
 def test_a_bump_in_a_flat_stretch_is_found(bump):
     """delta runs flat at 0.95 * cutoff from rho = 0.3 on, with a narrow bump over the cutoff
@@ -908,13 +915,10 @@ def test_a_bump_in_a_flat_stretch_is_found(bump):
     bump; the radius must be the bump's first crossing."""
     import scipy.optimize
 
-    def plateau(r, exp):
-        return (0.95 * (1 - exp(-((r / 0.1) ** 2))) + 0.2 * exp(-(((r - bump) / 0.02) ** 2))
-                + (r / 2.2) ** 8)
-
-    first = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, bump - 0.1, bump)
-    found = _flat_search(lambda r: plateau(r, math.exp), lambda r: plateau(r, torch.exp),
-                         rtol=1e-3, guess=0.05)
+    first = scipy.optimize.brentq(lambda r: _plateau(r, math.exp, bump) - 1.0, bump - 0.1,
+                                  bump)
+    found = _flat_search(lambda r: _plateau(r, math.exp, bump),
+                         lambda r: _plateau(r, torch.exp, bump), rtol=1e-3, guess=0.05)
     assert found["radius"].tolist() == pytest.approx([first] * 4, rel=1e-4)
 
 
@@ -929,15 +933,11 @@ def test_the_heaviest_rays_are_checked_for_an_earlier_exit():
     from basin_volume.rays import DenseRays
     from basin_volume.smc_estimate import search_radii
 
-    def plateau(r, exp):
-        return (0.95 * (1 - exp(-((r / 0.1) ** 2))) + 0.2 * exp(-(((r - 1.0) / 0.02) ** 2))
-                + (r / 2.2) ** 8)
-
     def fn(th):
-        return plateau(torch.linalg.vector_norm(th), torch.exp)
+        return _plateau(torch.linalg.vector_norm(th), torch.exp, 1.0)
 
-    first = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, 0.9, 1.0)
-    later = scipy.optimize.brentq(lambda r: plateau(r, math.exp) - 1.0, 1.5, 2.5)
+    first = scipy.optimize.brentq(lambda r: _plateau(r, math.exp, 1.0) - 1.0, 0.9, 1.0)
+    later = scipy.optimize.brentq(lambda r: _plateau(r, math.exp, 1.0) - 1.0, 1.5, 2.5)
     d = 5
     om = torch.nn.functional.normalize(
         torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))

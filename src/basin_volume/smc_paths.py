@@ -178,16 +178,17 @@ def _annealed(prior: ProjectedNormal, x, radii: Radii, theta0, path: _Path, *, n
         return log_sphere_area(d) + path.log_mass(path.end, r, cc)
 
     level = 1.0
-    offset = log_sphere_area(d) - prior.log_density(omega)  # log w = log mass + offset
+    log_q = prior.log_density(omega)
+    offset = log_sphere_area(d) - log_q  # log w = log mass + offset
     while True:
         level *= 4.0
         guess = _predicted(radii.radius, radii.slope, 4.0)
         found = yield RadiusRequest(omega, guess, radii.slope, level=level, weights=offset)
         log_p = log_target(found.radius, c)
-        if base._ess(log_p - prior.log_density(omega)) >= ess_target * n or level >= _MAX_LEVEL:
+        if base._ess(log_p - log_q) >= ess_target * n or level >= _MAX_LEVEL:
             break
         radii = found
-    ell = log_p - prior.log_density(omega)
+    ell = log_p - log_q
     log_z = base._log_mean_exp(ell)
     state = _State(omega, found.radius, found.slope, log_p).resampled(base._systematic(ell, gen))
     levels, acceptance, moves, correlation = [level], [], [], []
