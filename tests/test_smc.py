@@ -968,3 +968,52 @@ def test_heaviest_leaves_at_most_the_share_unchecked(seed):
     assert len(picked) == n
     assert min(log_w[sorted(picked)].tolist()) >= max(
         (v for i, v in enumerate(log_w.tolist()) if i not in picked), default=-math.inf)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_move_checks_only_the_ends_it_could_accept(seed):
+    """A move's end is searched from its parent's radius, so its search can miss an earlier
+    exit. Here half the rays (omega_0 > 0) have one: an unchecked search returns the later
+    crossing, 1.5 times the first (the ellipsoid's). The move must decide exactly as if every
+    end had been checked (the same generator, a radius oracle that always gives the first
+    crossing), while checking only the ends it might accept."""
+    from basin_volume.smc_base import _Path
+    from basin_volume.smc_paths import _move, _State
+
+    d, n, eps = 12, 200, 1e-2
+    g = torch.Generator().manual_seed(seed)
+    h = 10 ** (3 * torch.rand(d, generator=g, dtype=torch.float64))
+    omega = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64))
+
+    def first(om):
+        return torch.sqrt(2 * eps / (om**2 * h).sum(1))
+
+    path = _Path(d, 0.0, 1.0)
+    r = first(omega)
+    state = _State(omega, r, torch.full_like(r, 2.0), path.log_mass(0.0, r, omega[:, 0]))
+
+    def run(radius_of):
+        checked = []
+        mover = _move(0, ProjectedNormal(torch.eye(d, dtype=torch.float64)), state,
+                      lambda rr, oo: path.log_mass(0.0, rr, oo[:, 0]), weight=(1.0, 0.0),
+                      rho={"proposal": 0.9}, path=path,
+                      theta0=torch.eye(d, dtype=torch.float64)[0],
+                      gen=torch.Generator().manual_seed(100 + seed), gradients=False, a=0.0)
+        request = next(mover)
+        while True:
+            checked += [len(request.omegas)] if request.check else []
+            radius = radius_of(request)
+            try:
+                request = mover.send(Radii(radius, torch.full_like(radius, 2.0)))
+            except StopIteration as stop:
+                return stop.value[0], sum(checked)
+
+    def missed_exit(request):
+        late = (request.omegas[:, 0] > 0) & (not request.check)
+        return first(request.omegas) * torch.where(late, 1.5, 1.0)
+
+    ideal, _ = run(lambda request: first(request.omegas))
+    moved, n_checked = run(missed_exit)
+    assert torch.equal(moved.omega, ideal.omega)
+    assert torch.equal(moved.r, ideal.r)
+    assert 0 < n_checked < n  # checking every end would check all n

@@ -67,6 +67,8 @@ fit is good every move is accepted, whatever the dimension. :math:`\rho` adapts 
 acceptance rate near 30%. Where the objective has a gradient (``gradients``), the moves of
 this path and of tempering are Hamiltonian instead, steered by :math:`\nabla w`, which the
 gradient of :math:`\delta` at each ray's wall gives (:func:`basin_volume.smc_paths._move`).
+A move's end is checked for an earlier crossing only where the move could still be accepted:
+a check can only shorten the ray, so a move rejected before it stays rejected.
 A level's moves go on until the particles have decorrelated from where the level found them
 (:func:`basin_volume.smc_paths._mix`), or for ``n_moves`` moves.
 

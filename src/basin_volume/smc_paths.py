@@ -22,6 +22,7 @@ _HMC_ACCEPT = 0.6  # acceptance rate its step is adapted to
 _DECORRELATED = 0.1  # a level's moves stop once no statistic correlates more with its start
 _MAX_MOVES = 30  # moves per level at most, decorrelated or not
 _COMPONENTS = 3  # principal directions of the particles watched for decorrelation
+_CHECK_MARGIN = 0.05  # nats of log acceptance a move's end may lose in its segment's check
 
 
 @dataclass(frozen=True)
@@ -362,8 +363,7 @@ def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_targe
     z = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if state.grad is None:
         omega_new = base._unit(ref.crank_nicolson(x, rho, z))
-        found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level,
-                                    check=True)
+        found = yield RadiusRequest(omega_new, state.r.clone(), state.slope.clone(), level=level)
         log_p_new, grad_new = log_target(found.radius, omega_new), None
         log_a = log_w(omega_new, log_p_new) - log_w(state.omega, state.log_p)
     else:
@@ -373,8 +373,29 @@ def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_targe
 
         omega_new, found, grad_new, log_p_new, log_a = yield from _hamiltonian(
             ref, x, z, state, grad_w, log_w, log_target, math.asin(rho), level)
-    accept = torch.rand(n, generator=gen, dtype=torch.float64).log() < torch.nan_to_num(
-        log_a, nan=-math.inf)
+    log_u = torch.rand(n, generator=gen, dtype=torch.float64).log()
+    log_a = torch.nan_to_num(log_a, nan=-math.inf)
+    # The end's search started next to its parent's crossing and saw only that neighbourhood;
+    # its segment is checked for an earlier exit (RadiusRequest.check) only where the move
+    # could still be accepted. A check can only move the crossing in, which lowers log_a
+    # (w_p log_p, the log target increasing with the radius), so a move rejected before it
+    # is rejected after it too; _CHECK_MARGIN covers the two searches' rounding of the root.
+    rows = (log_u < log_a + _CHECK_MARGIN).nonzero()[:, 0]
+    if len(rows):
+        checked = yield RadiusRequest(omega_new[rows], found.radius[rows].clone(),
+                                      found.slope[rows].clone(), level=level, check=True)
+        radius, slope = found.radius.clone(), found.slope.clone()
+        radius[rows], slope[rows] = checked.radius, checked.slope
+        log_p_checked = log_target(checked.radius, omega_new[rows])
+        log_a[rows] += w_p * torch.nan_to_num(log_p_checked - log_p_new[rows], nan=0.0)
+        log_p_new = log_p_new.clone()
+        log_p_new[rows] = log_p_checked
+        moved = rows[~torch.isclose(checked.radius, found.radius[rows], rtol=1e-3)]
+        if grad_new is not None and len(moved):  # the wall's gradient where the wall moved
+            grad_new = grad_new.clone()
+            grad_new[moved] = yield GradientRequest(omega_new[moved], radius[moved])
+        found = Radii(radius, slope)
+    accept = log_u < log_a
     new = _State(
         torch.where(accept[:, None], omega_new, state.omega),
         torch.where(accept, found.radius, state.r),
@@ -415,12 +436,11 @@ def _hamiltonian(ref: ProjectedNormal, x, z, state: _State, grad_w, log_w, log_t
     omega, found, grad = state.omega, Radii(state.r, state.slope), state.grad
     h0 = energy(u, mom, omega, state.log_p)
     cos, sin = math.cos(eps), math.sin(eps)
-    for step in range(_LEAPFROG):
+    for _ in range(_LEAPFROG):
         mom = mom + kick(u, omega, found, grad)
         u, mom = u * cos + mom * sin, mom * cos - u * sin
         omega = base._unit(u + mean)
-        found = yield RadiusRequest(omega, found.radius.clone(), found.slope.clone(), level=level,
-                                    check=step == _LEAPFROG - 1)
+        found = yield RadiusRequest(omega, found.radius.clone(), found.slope.clone(), level=level)
         grad = yield GradientRequest(omega, found.radius)
         mom = mom + kick(u, omega, found, grad)
     log_p = log_target(found.radius, omega)
