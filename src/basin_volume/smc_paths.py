@@ -380,6 +380,8 @@ def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_targe
     # could still be accepted. A check can only move the crossing in, which lowers log_a
     # (w_p log_p, the log target increasing with the radius), so a move rejected before it
     # is rejected after it too; _CHECK_MARGIN covers the two searches' rounding of the root.
+    # The particle keeps the wall gradient its last kick used, so that a move back from it
+    # starts with the kick this one ended with (the leapfrog map stays reversible).
     rows = (log_u < log_a + _CHECK_MARGIN).nonzero()[:, 0]
     if len(rows):
         checked = yield RadiusRequest(omega_new[rows], found.radius[rows].clone(),
@@ -390,10 +392,6 @@ def _metropolis(ref: ProjectedNormal, rho: float, state: _State, *, q, log_targe
         log_a[rows] += w_p * torch.nan_to_num(log_p_checked - log_p_new[rows], nan=0.0)
         log_p_new = log_p_new.clone()
         log_p_new[rows] = log_p_checked
-        moved = rows[~torch.isclose(checked.radius, found.radius[rows], rtol=1e-3)]
-        if grad_new is not None and len(moved):  # the wall's gradient where the wall moved
-            grad_new = grad_new.clone()
-            grad_new[moved] = yield GradientRequest(omega_new[moved], radius[moved])
         found = Radii(radius, slope)
     accept = log_u < log_a
     new = _State(
