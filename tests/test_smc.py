@@ -900,6 +900,24 @@ def test_a_flat_crossing_is_placed_to_a_hundredth_of_a_nat(guess):
     assert d * float(found["radius"].log().abs().max()) <= 0.01
 
 
+@pytest.mark.parametrize("guess", [0.05, 0.5, 0.98, 1.02, 3.0])
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_a_sharply_saturating_crossing_is_placed_to_a_hundredth_of_a_nat(m, guess):
+    """delta = (1 - exp(-2 rho^m)) / (1 - exp(-2)), crossing the cutoff 1 at rho = 1 with a
+    log-log slope of 1.3 to 5 and a curvature d^2 log delta / d(log rho)^2 of -6.6 to -105:
+    the chord between bracket ends lies below the curve, so the root it gives is long. A bound
+    that takes the curvature to be 1 stopped with errors up to 0.23 nats in D = 500; the
+    radius returned must be within 0.01 nats: |log r| <= 0.01 / 500."""
+    d = 500
+
+    def sat(r):
+        e = torch.exp if isinstance(r, torch.Tensor) else math.exp
+        return (1 - e(-2.0 * r**m)) / (1 - math.exp(-2.0))
+
+    found = _flat_search(sat, sat, rtol=1e-2, d=d, guess=guess)
+    assert d * float(found["radius"].log().abs().max()) <= 0.01
+
+
 def _plateau(r, exp, bump):
     """delta flat at 0.95 of the cutoff 1 from r = 0.3 on, a bump over it of width 0.02 at
     ``bump``, then growing past it (crossing near 2.2)."""
