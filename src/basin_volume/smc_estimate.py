@@ -29,7 +29,7 @@ from .directions import direction_seed
 from .integrals import log_sphere_area
 from .preconditioners import DiagonalPreconditioner, as_preconditioner
 from .projected_normal import ProjectedNormal
-from .radius import RayStatus, radius_search
+from .radius import RayStatus, log_log_curvature, radius_search
 from .rays import DenseRays
 from .result import VolumeResult, warn_every_time
 from .smc import GradientRequest, Radii, smc_sampler
@@ -379,7 +379,7 @@ def _polish(rays, rays_left: list[int], history, *, f0, cutoff, mass,
                 continue
             xb = math.log(t_out)
             slope = math.log(d[t_out] / d[t_in]) / (xb - xa)
-            if 0.5 * _curvature(history[k], x) * (x - xa) * (xb - x) / slope <= tau:
+            if 0.5 * _curvature(history[k], x, cutoff) * (x - xa) * (xb - x) / slope <= tau:
                 continue
             far = x + tau / 3 if xb - x > x - xa else x - tau / 3
             probes.append((k, math.exp(min(max(far, xa + 0.5 * (x - xa)), xb - 0.5 * (xb - x)))))
@@ -392,22 +392,22 @@ def _polish(rays, rays_left: list[int], history, *, f0, cutoff, mass,
             if _first_bracket(history[k], cutoff)[0] > 0}
 
 
-def _curvature(history: list[tuple[float, float]], x: float) -> float:
+def _curvature(history: list[tuple[float, float]], x: float, cutoff: float) -> float:
     r"""A bound :math:`M \ge 1` on :math:`|d^2\log\delta/d(\log t)^2|` near the log root
-    ``x``: twice the second divided difference of :math:`\log\delta` over three evaluated
-    points within :data:`_CURVATURE_SPAN` of it (the outermost two and the one nearest the
-    root, each pair at least :data:`_CURVATURE_GAP` apart), or 1 without such points."""
-    pts = sorted((math.log(t), math.log(v)) for t, v in history
-                 if t > 0 and math.isfinite(v) and v > 0
+    ``x``: twice the second divided difference of :math:`\log\delta`
+    (:func:`basin_volume.radius.log_log_curvature`) over three evaluated points within
+    :data:`_CURVATURE_SPAN` of it (the outermost two and the one nearest the root, each pair
+    at least :data:`_CURVATURE_GAP` apart: closer ones measure rounding), or 1 without such
+    points."""
+    pts = sorted((t, v) for t, v in history if t > 0 and math.isfinite(v) and v > 0
                  and abs(math.log(t) - x) <= _CURVATURE_SPAN)
     if len(pts) < 3:
         return 1.0
-    (x1, y1), (x3, y3) = pts[0], pts[-1]
-    x2, y2 = min(pts[1:-1], key=lambda p: abs(p[0] - x))
-    if min(x2 - x1, x3 - x2) < _CURVATURE_GAP:
+    middle = min(pts[1:-1], key=lambda p: abs(math.log(p[0]) - x))
+    three = [pts[0], middle, pts[-1]]
+    if min(math.log(b[0] / a[0]) for a, b in zip(three, three[1:], strict=False)) < _CURVATURE_GAP:
         return 1.0
-    second = 2 * ((y3 - y2) / (x3 - x2) - (y2 - y1) / (x2 - x1)) / (x3 - x1)
-    return max(1.0, 2 * abs(second))
+    return max(1.0, 2 * abs(log_log_curvature(three, cutoff)))
 
 
 def _root(history: list[tuple[float, float]], cutoff: float) -> float:
