@@ -61,6 +61,9 @@ def main(argv=None) -> None:
     print(f"{'problem':24} {'rays':>5}  quantiles {q} of slope | of curvature")
     for name in args.names.split(","):
         problem = problems.get(name)
+        if problem.sigma is None:
+            raise SystemExit(f"--names: {name} has no prior to draw rays from (uniform "
+                             "measure); pick a Gaussian-measure problem")
         gen = torch.Generator().manual_seed(args.seed)
         center = problem.center.double()
         shapes = []
